@@ -1,0 +1,129 @@
+"""The node's MI commands: status, usrloc views and replication control.
+
+Names and output shapes follow OpenSIPS MI where one exists (``ul_dump``, ``ul_show_contact``
+with ``{"code":404,"message":"AOR not found"}``), so operators' scripts carry over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from ..model import EXPIRES, to_dict
+from .commands import NOT_FOUND, CommandRegistry, JsonRpcError, Param, invalid_params
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+MAX_PAGE = 10_000
+
+
+def _contact_json(rec: tuple, now: float) -> dict:
+    d = to_dict(rec)
+    exp = rec[EXPIRES]
+    d["expires_in"] = "permanent" if exp == 0 else max(0, int(exp - now))
+    return d
+
+
+def table_digest(records) -> dict:
+    """Order-independent digest of a table: count plus a sum of per-record hashes.
+
+    Two replicas hold the same contacts exactly when their digests are equal (up to 2^-64),
+    which lets tests and the benchmark compare a million contacts without dumping them.
+    """
+    total = 0
+    n = 0
+    pack = msgpack.Packer(use_bin_type=True).pack
+    for rec in records:
+        total += int.from_bytes(hashlib.blake2b(pack(rec), digest_size=8).digest(), "big")
+        n += 1
+    return {"count": n, "digest": f"{total & 0xFFFFFFFFFFFFFFFF:016x}"}
+
+
+def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
+    store = node.replica.store
+
+    @reg.command(
+        "sc_status",
+        help="Node id, role, epoch, sequence numbers, per-peer link "
+        "state and lag, contact counts, uptime and counters.",
+    )
+    def sc_status() -> dict:
+        return node.status()
+
+    @reg.command(
+        "ul_dump",
+        params=[
+            Param("aor", str, required=False, help="only this AOR"),
+            Param("offset", int, required=False, default=0, help="skip this many AORs"),
+            Param(
+                "limit", int, required=False, default=1000, help=f"AORs per page (<= {MAX_PAGE})"
+            ),
+        ],
+        help="Dump contacts by AOR, paged; 'next_offset' is null on the last page.",
+    )
+    def ul_dump(aor: str | None = None, offset: int = 0, limit: int = 1000) -> dict:
+        if offset < 0 or not 1 <= limit <= MAX_PAGE:
+            raise invalid_params(f"offset must be >= 0 and limit 1..{MAX_PAGE}")
+        now = time.time()
+        names = [aor] if aor else list(itertools.islice(store.aors(), offset, offset + limit))
+        aors = []
+        for name in names:
+            recs = store.lookup_aor(name, now)
+            if recs:
+                aors.append({"AOR": name, "Contacts": [_contact_json(r, now) for r in recs]})
+        more = not aor and offset + limit < store.aor_count
+        return {
+            "Contacts": len(store),
+            "AORs_total": store.aor_count,
+            "AORs": aors,
+            "next_offset": offset + limit if more else None,
+        }
+
+    @reg.command(
+        "ul_show_contact",
+        params=[
+            Param("aor", str, help="address of record"),
+            Param(
+                "table_name",
+                str,
+                required=False,
+                default="location",
+                help="accepted for OpenSIPS compatibility",
+            ),
+        ],
+        help="Contacts of one AOR.",
+    )
+    def ul_show_contact(aor: str, table_name: str = "location") -> dict:
+        now = time.time()
+        recs = store.lookup_aor(aor, now)
+        if not recs:
+            raise JsonRpcError(NOT_FOUND, "AOR not found")
+        return {"AOR": aor, "Contacts": [_contact_json(r, now) for r in recs]}
+
+    @reg.command(
+        "sc_resync",
+        params=[
+            Param("peer", int, required=False, help="peer node id (default: every peer)"),
+        ],
+        help="Ask peer(s) for a full snapshot now (repairs any suspected divergence).",
+    )
+    def sc_resync(peer: int | None = None) -> dict:
+        subs = [s for s in node.iter_subscribers() if peer is None or s.peer_id == peer]
+        if not subs:
+            raise JsonRpcError(NOT_FOUND, f"no such peer {peer}")
+        for s in subs:
+            s.resync()
+        return {"requested": [s.peer_id for s in subs]}
+
+    @reg.command(
+        "sc_digest",
+        help="Count and order-independent hash of the whole table, to compare replicas.",
+    )
+    def sc_digest() -> dict:
+        store.expire()
+        return table_digest(store)

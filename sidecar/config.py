@@ -1,0 +1,243 @@
+"""One TOML file configures a node; it is validated completely before anything starts.
+
+Every error names the offending key (``replication.heartbeat_ms``) and says why, and unknown
+keys are errors too: a typo in a failover setting must not be silently ignored.
+The annotated example is ``docs/sidecar.example.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model import MAX_NODE_ID
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    id: int
+    pub: str
+    sync: str
+    public_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    pub: str = "tcp://127.0.0.1:7701"
+    sync: str = "tcp://127.0.0.1:7702"
+    heartbeat_ms: int = 200
+    max_batch: int = 2000
+    ring_changes: int = 2_000_000
+    sndhwm: int = 10_000
+    rcvhwm: int = 10_000
+    sync_timeout_s: float = 5.0
+    snapshot_chunk: int = 5000
+    apply_delay_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class CurveSettings:
+    enabled: bool = False
+    secret_key: Path | None = None
+    authorized_keys: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 8899
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node_id: int
+    node_name: str
+    replication: ReplicationConfig
+    peers: tuple[PeerConfig, ...]
+    curve: CurveSettings
+    admin: AdminConfig
+    tombstone_ttl_s: float = 300.0
+    expiry_interval_ms: int = 500
+    ingest_endpoint: str | None = None
+    log_level: str = "info"
+    source_path: Path | None = field(default=None, compare=False)
+
+
+_ENDPOINT_PREFIXES = ("tcp://", "ipc://", "inproc://")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Section:
+    """Reads typed keys out of one TOML table and rejects the ones nobody asked for."""
+
+    def __init__(self, name: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: must be a table, got {type(data).__name__}")
+        self.name = name
+        self.data = data
+        self.used: set[str] = set()
+
+    def _get(self, key: str, types: tuple[type, ...], default: Any, required: bool) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(f"{self.name}.{key}: required key is missing")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"{self.name}.{key}: expected {types[0].__name__}, got a boolean")
+        if not isinstance(value, types):
+            raise ConfigError(f"{self.name}.{key}: expected {types[0].__name__}, "
+                              f"got {type(value).__name__} {value!r}")
+        return value
+
+    def int(self, key: str, default: int | None = None, *, lo: int = 0, hi: int = 1 << 62,
+            required: bool = False) -> int:
+        v = self._get(key, (int,), default, required)
+        if not lo <= v <= hi:
+            raise ConfigError(f"{self.name}.{key}: {v} is outside {lo}..{hi}")
+        return v
+
+    def num(self, key: str, default: float, *, lo: float = 0.0, hi: float = 1e9) -> float:
+        v = float(self._get(key, (int, float), default, False))
+        if not lo <= v <= hi:
+            raise ConfigError(f"{self.name}.{key}: {v} is outside {lo}..{hi}")
+        return v
+
+    def str(self, key: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None) -> str | None:
+        v = self._get(key, (str,), default, required)
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{self.name}.{key}: {v!r} is not one of {', '.join(choices)}")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, (bool,), default, False)
+
+    def endpoint(self, key: str, default: str | None = None, *, required: bool = False
+                 ) -> str | None:
+        v = self.str(key, default, required=required)
+        if v is not None and not v.startswith(_ENDPOINT_PREFIXES):
+            raise ConfigError(f"{self.name}.{key}: {v!r} is not a ZeroMQ endpoint "
+                              "(tcp://HOST:PORT, ipc://PATH)")
+        return v
+
+    def path(self, key: str, base: Path) -> Path | None:
+        v = self.str(key)
+        if not v:
+            return None
+        p = Path(v)
+        return p if p.is_absolute() else base / p
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.name}.{unknown[0]}: unknown key")
+
+
+def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
+    top = _Section("(top level)", data)
+    for key in data:
+        if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
+                       "log"):
+            raise ConfigError(f"{key}: unknown section")
+    node = _Section("node", data.get("node", {}))
+    top.used.add("node")
+    node_id = node.int("id", lo=1, hi=MAX_NODE_ID, required=True)
+    node_name = node.str("name", f"node{node_id}")
+    node.done()
+
+    r = _Section("replication", data.get("replication", {}))
+    d = ReplicationConfig()
+    rep = ReplicationConfig(
+        pub=r.endpoint("pub", d.pub),
+        sync=r.endpoint("sync", d.sync),
+        heartbeat_ms=r.int("heartbeat_ms", d.heartbeat_ms, lo=10, hi=60_000),
+        max_batch=r.int("max_batch", d.max_batch, lo=1, hi=100_000),
+        ring_changes=r.int("ring_changes", d.ring_changes, lo=1000, hi=100_000_000),
+        sndhwm=r.int("sndhwm", d.sndhwm, lo=1, hi=10_000_000),
+        rcvhwm=r.int("rcvhwm", d.rcvhwm, lo=1, hi=10_000_000),
+        sync_timeout_s=r.num("sync_timeout_s", d.sync_timeout_s, lo=0.1, hi=3600),
+        snapshot_chunk=r.int("snapshot_chunk", d.snapshot_chunk, lo=1, hi=1_000_000),
+        apply_delay_ms=r.num("apply_delay_ms", d.apply_delay_ms, lo=0, hi=10_000),
+    )
+    r.done()
+
+    peers_raw = data.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("peers: must be an array of tables ([[peers]])")
+    peers = []
+    seen_ids = {node_id}
+    for i, p in enumerate(peers_raw):
+        ps = _Section(f"peers[{i}]", p)
+        pid = ps.int("id", lo=1, hi=MAX_NODE_ID, required=True)
+        if pid in seen_ids:
+            raise ConfigError(f"peers[{i}].id: node id {pid} is used twice")
+        seen_ids.add(pid)
+        peers.append(PeerConfig(pid, ps.endpoint("pub", required=True),
+                                ps.endpoint("sync", required=True), ps.path("public_key", base)))
+        ps.done()
+
+    c = _Section("curve", data.get("curve", {}))
+    curve = CurveSettings(c.bool("enabled", False), c.path("secret_key", base),
+                          c.path("authorized_keys", base))
+    c.done()
+    if curve.enabled:
+        if curve.secret_key is None:
+            raise ConfigError("curve.secret_key: required when curve.enabled is true")
+        for i, p in enumerate(peers):
+            if p.public_key is None:
+                raise ConfigError(f"peers[{i}].public_key: required when curve.enabled is true")
+
+    a = _Section("admin", data.get("admin", {}))
+    listen = a.str("listen", "127.0.0.1:8899")
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535 or not host:
+        raise ConfigError(f"admin.listen: {listen!r} is not HOST:PORT")
+    token = a.str("token")
+    token_file = a.path("token_file", base)
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"admin.token_file: cannot read {token_file}: {exc}") from None
+    a.done()
+
+    s = _Section("store", data.get("store", {}))
+    tomb = s.num("tombstone_ttl_s", 300.0, lo=0, hi=86400 * 7)
+    expiry_ms = s.int("expiry_interval_ms", 500, lo=10, hi=60_000)
+    s.done()
+
+    ing = _Section("ingest", data.get("ingest", {}))
+    ingest = ing.endpoint("endpoint")
+    ing.done()
+
+    lg = _Section("log", data.get("log", {}))
+    level = lg.str("level", "info", choices=_LOG_LEVELS)
+    lg.done()
+
+    return Config(node_id, node_name, rep, tuple(peers), curve,
+                  AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
+                  ingest, level)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    cfg = parse_config(data, p.resolve().parent)
+    return Config(**{**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
+                     "source_path": p})

@@ -1,0 +1,182 @@
+"""`sidecar run`: wires one node together — replica, publisher, subscribers, sources, admin.
+
+The daemon owns the asyncio loop and the lifetimes; every piece it starts has a single job
+and lives in its own module (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import time
+from collections.abc import Iterator
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from .admin.commands import CommandRegistry
+from .admin.node_commands import register_node_commands
+from .admin.server import AdminServer
+from .config import Config
+from .metrics import NodeMetrics
+from .replica import Replica
+from .replication.publisher import Publisher
+from .replication.security import CurveConfig, load_public_key
+from .replication.subscriber import Subscriber
+from .sources.ingest import IngestSource
+from .store import ContactStore
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.ctx = zmq.asyncio.Context()
+        rep = cfg.replication
+        self.replica = Replica(cfg.node_id, ContactStore(tombstone_ttl=cfg.tombstone_ttl_s),
+                               max_batch=rep.max_batch, ring_changes=rep.ring_changes)
+        self.curve: CurveConfig | None = None
+        self.authenticator: AsyncioAuthenticator | None = None
+        self.publisher: Publisher | None = None
+        self.subscribers: list[Subscriber] = []
+        self.ingest: IngestSource | None = None
+        self.admin: AdminServer | None = None
+        self.registry = CommandRegistry()
+        self.metrics = NodeMetrics(self)
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+
+    def role(self) -> str:
+        """Replication-only nodes are all 'active' publishers; the arbiter refines this."""
+        return "active"
+
+    async def start(self) -> None:
+        cfg, rep = self.cfg, self.cfg.replication
+        # Contact tuples are GC-untracked, but building a million of them triggers many
+        # young-generation collections; a larger threshold keeps bulk loads at full speed.
+        gc.set_threshold(50_000, 20, 100)
+        if cfg.curve.enabled:
+            assert cfg.curve.secret_key is not None
+            self.curve = CurveConfig.from_files(cfg.curve.secret_key, cfg.curve.authorized_keys)
+            self.authenticator = AsyncioAuthenticator(self.ctx)
+            self.authenticator.start()
+            location = str(cfg.curve.authorized_keys) if cfg.curve.authorized_keys \
+                else zmq.auth.CURVE_ALLOW_ANY
+            self.authenticator.configure_curve(domain="*", location=location)
+        self.publisher = Publisher(
+            self.ctx, self.replica, rep.pub, rep.sync, heartbeat_s=rep.heartbeat_ms / 1000,
+            sndhwm=rep.sndhwm, snapshot_chunk=rep.snapshot_chunk, curve=self.curve,
+            role=self.role)
+        await self.publisher.start()
+        for peer in cfg.peers:
+            key = load_public_key(peer.public_key) if self.curve and peer.public_key else None
+            sub = Subscriber(self.ctx, self.replica, peer.id, peer.pub, peer.sync,
+                             rcvhwm=rep.rcvhwm, sync_timeout=rep.sync_timeout_s,
+                             curve=self.curve, peer_public_key=key,
+                             apply_delay_s=rep.apply_delay_ms / 1000)
+            await sub.start()
+            self.subscribers.append(sub)
+        if cfg.ingest_endpoint:
+            self.ingest = IngestSource(self.ctx, self.replica, cfg.ingest_endpoint,
+                                       self.publisher.kick)
+            await self.ingest.start()
+        register_node_commands(self.registry, self)
+        self.admin = AdminServer(self.registry, cfg.admin.host, cfg.admin.port,
+                                 token=cfg.admin.token, metrics=self.metrics.render,
+                                 health=self.health)
+        await self.admin.start()
+        self._tasks.append(asyncio.create_task(self._expiry_loop(), name="expiry"))
+        log.info("node %d (%s) up: pub %s sync %s admin %s, incarnation %d, %d peer(s)",
+                 cfg.node_id, cfg.node_name, self.publisher.pub_endpoint,
+                 self.publisher.sync_endpoint, self.admin.url, self.replica.incarnation,
+                 len(self.subscribers))
+
+    async def _expiry_loop(self) -> None:
+        interval = self.cfg.expiry_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            self.replica.store.expire()
+
+    def health(self) -> tuple[bool, dict]:
+        links = {str(s.peer_id): s.follower.state.value for s in self.subscribers}
+        return True, {"node": self.cfg.node_id, "contacts": len(self.replica.store),
+                      "links": links}
+
+    def status(self) -> dict:
+        r = self.replica
+        ob = r.outbox
+        lag = sorted(r.lag_ms)
+
+        def pct(p: float) -> float | None:
+            return lag[min(len(lag) - 1, int(p * len(lag)))] if lag else None
+
+        return {
+            "node_id": self.cfg.node_id,
+            "name": self.cfg.node_name,
+            "role": self.role(),
+            "epoch": ob.epoch,
+            "incarnation": r.incarnation,
+            "uptime_s": round(time.time() - self.started, 3),
+            "contacts": len(r.store),
+            "aors": r.store.aor_count,
+            "last_seq_sent": ob.last_seq,
+            "ring_first_seq": ob.ring_first_seq,
+            "publisher": {**_fields(self.publisher.stats), **_fields(ob.stats)}
+            if self.publisher else {},
+            "peers": [s.status() for s in self.subscribers],
+            "replica": _fields(r.stats),
+            "store": _fields(r.store.stats),
+            "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "samples": len(lag)},
+            "sources": {"ingest": dict(self.ingest.counters)} if self.ingest else {},
+        }
+
+    def iter_subscribers(self) -> Iterator[Subscriber]:
+        return iter(self.subscribers)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.admin:
+            await self.admin.stop()
+        if self.ingest:
+            await self.ingest.stop()
+        for s in self.subscribers:
+            await s.stop()
+        if self.publisher:
+            await self.publisher.stop()
+        if self.authenticator:
+            self.authenticator.stop()
+        self.ctx.term()
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.start()
+        await self._stopping.wait()
+        log.info("stopping")
+        await self.stop()
+
+
+def _fields(obj: object) -> dict:
+    return {k: getattr(obj, k) for k in obj.__slots__}  # type: ignore[attr-defined]
+
+
+def run(cfg: Config) -> None:
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a listed dependency
+        runner = asyncio.run
+    runner(Daemon(cfg).run_until_signalled())

@@ -1,0 +1,168 @@
+"""The node's contact table plus what it publishes: the one place changes enter the store.
+
+Local changes (from a source on this node) are stamped with this node's handle/origin, applied
+to the store, and queued in the outbox *only if they won*; replicated changes are applied to the
+store and never queued, so nothing is re-published and there are no loops (DESIGN §5).
+No I/O here: the asyncio adapters flush the outbox and feed replicated batches in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from .model import (
+    AOR,
+    CALLID,
+    CSEQ,
+    EXPIRES,
+    HANDLE,
+    LAST_MODIFIED,
+    RECORD_LEN,
+    REFRESH_LEN,
+    HandleAllocator,
+    handle_origin,
+    now_ms,
+    rec_bid,
+)
+from .replication.outbox import Outbox
+from .replication.wire import BatchHeader, WireError, check_change
+from .store import ContactStore
+
+log = logging.getLogger(__name__)
+
+_SAME_EXCEPT_VERSION = (0, 1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 13, 14, 15)
+
+
+@dataclass(slots=True)
+class ReplicaStats:
+    local_puts: int = 0
+    local_refreshes: int = 0
+    local_deletes: int = 0
+    local_stale: int = 0
+    remote_changes: int = 0
+    remote_applied: int = 0
+    bad_changes: int = 0
+    pruned: int = 0
+
+
+class Replica:
+    def __init__(self, node_id: int, store: ContactStore | None = None,
+                 incarnation: int | None = None, max_batch: int = 2000,
+                 ring_changes: int = 2_000_000) -> None:
+        self.node_id = node_id
+        self.handles = HandleAllocator(node_id, incarnation)
+        self.incarnation = self.handles.incarnation
+        self.store = store if store is not None else ContactStore()
+        self.outbox = Outbox(node_id, self.incarnation, max_batch=max_batch,
+                             ring_changes=ring_changes)
+        self.origin_marker = node_id << 56
+        self.stats = ReplicaStats()
+        self.lag_ms: deque[int] = deque(maxlen=20_000)  # replication lag samples, per batch
+
+    # ------------------------------------------------------------ local changes
+    def local_put(self, rec: tuple) -> str:
+        """Store a binding version learned on this node and queue it for the peers.
+
+        *rec* is a contact tuple whose HANDLE and LAST_MODIFIED may be 0 (they are stamped
+        here). Returns "put", "refresh" or "stale".
+        """
+        store = self.store
+        old = store.get(rec[AOR], rec_bid(rec))
+        lm = rec[LAST_MODIFIED] or now_ms()
+        if old is not None and handle_origin(old[HANDLE]) == self.node_id:
+            handle = old[HANDLE]
+        else:
+            handle = self.handles.next()
+        rec = (*rec[:LAST_MODIFIED], lm, handle)
+        if (old is not None and old[HANDLE] == handle and old[CALLID] == rec[CALLID]
+                and all(old[i] == rec[i] for i in _SAME_EXCEPT_VERSION)):
+            new = store.refresh(handle, rec[EXPIRES], rec[CSEQ], lm)
+            if new is None:
+                self.stats.local_stale += 1
+                return "stale"
+            ob = self.outbox
+            ob.pending.append((handle, rec[EXPIRES], rec[CSEQ], lm - ob.time_base()))
+            self.stats.local_refreshes += 1
+            return "refresh"
+        if not store.put(rec):
+            self.stats.local_stale += 1
+            return "stale"
+        self.outbox.pending.append(rec)
+        self.stats.local_puts += 1
+        return "put"
+
+    def local_delete(self, aor: str, bid: str, callid: str, cseq: int,
+                     last_modified: int = 0) -> bool:
+        """Remove a binding on this node's authority (de-REGISTER, ping loss, admin)."""
+        lm = last_modified or now_ms()
+        if not self.store.delete(aor, bid, callid, cseq, lm, self.origin_marker):
+            self.stats.local_stale += 1
+            return False
+        self.outbox.pending.append((aor, bid, callid, cseq, lm, self.origin_marker))
+        self.stats.local_deletes += 1
+        return True
+
+    # ------------------------------------------------------------ replicated changes
+    def apply_remote(self, hdr: BatchHeader, changes: tuple) -> int:
+        """Apply one batch from a peer; returns how many changes won. Never raises on bad
+        changes: each is counted and skipped, the rest of the batch still applies."""
+        store = self.store
+        put, refresh, delete = store.put, store.refresh, store.delete
+        base = hdr.base_ms
+        applied = 0
+        for c in changes:
+            try:
+                n = check_change(c)
+            except WireError as exc:
+                self._bad(exc)
+                continue
+            if n == RECORD_LEN:
+                applied += put(c)
+            elif n == REFRESH_LEN:
+                applied += refresh(c[0], c[1], c[2], base + c[3]) is not None
+            else:
+                applied += delete(*c)
+        self.stats.remote_changes += len(changes)
+        self.stats.remote_applied += applied
+        if changes:
+            first = changes[0]
+            if type(first) is tuple:
+                n = len(first)
+                lm = (first[16] if n == RECORD_LEN else base + first[3] if n == REFRESH_LEN
+                      else first[4])
+                if type(lm) is int:
+                    self.lag_ms.append(now_ms() - lm)
+        return applied
+
+    def apply_snapshot(self, records: tuple, seen: set[int] | None) -> int:
+        put = self.store.put
+        applied = 0
+        for r in records:
+            try:
+                if check_change(r) != RECORD_LEN:
+                    raise WireError("bad_change", "snapshot entry is not a contact record")
+            except WireError as exc:
+                self._bad(exc)
+                continue
+            applied += put(r)
+            if seen is not None:
+                seen.add(r[HANDLE])
+        return applied
+
+    def prune_origin(self, origin: int, seen: set[int], cut_ms: int) -> int:
+        """Drop records of *origin* the peer no longer has (deleted there while we lagged)."""
+        doomed = [r for r in self.store
+                  if handle_origin(r[HANDLE]) == origin and r[HANDLE] not in seen
+                  and r[LAST_MODIFIED] <= cut_ms]
+        for r in doomed:
+            self.store.drop(r)
+        self.stats.pruned += len(doomed)
+        return len(doomed)
+
+    def _bad(self, exc: WireError) -> None:
+        self.stats.bad_changes += 1
+        if self.stats.bad_changes <= 10 or self.stats.bad_changes % 10_000 == 0:
+            log.warning("skipped malformed replicated change (%d so far): %s",
+                        self.stats.bad_changes, exc)

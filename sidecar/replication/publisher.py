@@ -1,0 +1,211 @@
+"""asyncio adapter: publishes this node's batches and heartbeats, and serves catch-up requests.
+
+Sockets (proto/PROTOCOL.md §2): a PUB socket for live batches and heartbeats, and a ROUTER
+socket answering SYNC requests with a replay from the outbox ring or a chunked snapshot.
+The PUB socket never blocks: at its high-water mark ZeroMQ drops, and the subscriber's
+sequence check turns the drop into a catch-up, so back-pressure can slow a peer but never
+lose a change silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from ..model import now_ms
+from ..replica import Replica
+from . import wire
+from .security import CurveConfig, apply_server_curve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    heartbeats: int = 0
+    sync_requests: int = 0
+    replays: int = 0
+    snapshots: int = 0
+    snapshot_records: int = 0
+    bad_requests: int = 0
+    send_dropped: int = 0
+
+
+class Publisher:
+    def __init__(self, ctx: zmq.asyncio.Context, replica: Replica, pub_endpoint: str,
+                 sync_endpoint: str, *, heartbeat_s: float = 0.2, sndhwm: int = 10_000,
+                 snapshot_chunk: int = 5_000, curve: CurveConfig | None = None,
+                 role: Callable[[], str] = lambda: "active") -> None:
+        self.replica = replica
+        self.outbox = replica.outbox
+        self.heartbeat_s = heartbeat_s
+        self.snapshot_chunk = snapshot_chunk
+        self.role = role
+        self.stats = PublisherStats()
+        # PUB is only ever written, without waiting: a plain (non-asyncio) socket raises
+        # zmq.Again synchronously instead of burying it in a future.
+        self.pub = zmq.Socket(ctx, zmq.PUB)
+        self.router = ctx.socket(zmq.ROUTER)
+        for s in (self.pub, self.router):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE)
+            if curve is not None:
+                apply_server_curve(s, curve)
+        self.pub.setsockopt(zmq.SNDHWM, sndhwm)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, 64)
+        self.pub.bind(pub_endpoint)
+        self.router.bind(sync_endpoint)
+        self.pub_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sync_endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._flush_scheduled = False
+        self._tasks: list[asyncio.Task] = []
+        self._serving: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                       asyncio.create_task(self._serve_sync(), name="sync-server")]
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._serving]:
+            t.cancel()
+        for t in [*self._tasks, *self._serving]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self.flush()
+        self.pub.close(0)
+        self.router.close(0)
+
+    # ------------------------------------------------------------ live stream
+    def kick(self) -> None:
+        """Call after queueing local changes: flushes now if a batch is full, else at the end
+        of the current event-loop iteration (well under 1 ms when the loop is not saturated)."""
+        if self.outbox.full():
+            self.flush()
+        if self.outbox.pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        outbox = self.outbox
+        while outbox.pending:
+            more = outbox.pending[outbox.max_batch:]
+            del outbox.pending[outbox.max_batch:]
+            payload = outbox.flush()
+            outbox.pending = more
+            if payload is not None:
+                self._send(wire.BATCH, payload)
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        try:
+            self.pub.send_multipart((kind, payload), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.stats.send_dropped += 1  # subscribers see the gap and catch up
+        except zmq.ZMQError as exc:
+            self.stats.send_dropped += 1
+            log.warning("PUB send failed: %s", exc)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.flush()
+        self.outbox.epoch = epoch
+
+    def heartbeat(self) -> None:
+        self.flush()
+        ob = self.outbox
+        self._send(wire.HEARTBEAT, wire.encode_heartbeat(ob.node_id, ob.incarnation, ob.epoch,
+                                                         ob.last_seq, now_ms(), self.role()))
+        self.stats.heartbeats += 1
+
+    async def _heartbeats(self) -> None:
+        while True:
+            self.heartbeat()
+            await asyncio.sleep(self.heartbeat_s)
+
+    # ------------------------------------------------------------ catch-up server
+    async def _serve_sync(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            if len(frames) != 3 or frames[1] != wire.SYNC:
+                self.stats.bad_requests += 1
+                continue
+            ident, payload = frames[0], frames[2]
+            try:
+                req = wire.decode_sync_request(payload)
+            except wire.WireError as exc:
+                self.stats.bad_requests += 1
+                code = wire.ERR_VERSION if exc.reason == "version" else wire.ERR_MALFORMED
+                await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)))
+                continue
+            self.stats.sync_requests += 1
+            task = asyncio.create_task(self._answer(ident, req))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _answer(self, ident: bytes, req: wire.SyncRequest) -> None:
+        self.flush()  # everything in the store now has a sequence number
+        ob = self.outbox
+        try:
+            batches = None
+            if req.from_seq and req.incarnation == ob.incarnation:
+                batches = ob.replay_from(req.from_seq)
+            if batches is not None:
+                upto = ob.last_seq
+                for payload in batches:
+                    await self._reply(ident, wire.REPLAY, payload)
+                self.stats.replays += 1
+                await self._reply(ident, wire.END, wire.encode_sync_end(
+                    ob.incarnation, upto, wire.MODE_REPLAY, 0, now_ms()))
+                return
+            await self._send_snapshot(ident)
+        except _PeerGone:
+            log.info("catch-up receiver went away; dropped its request")
+
+    async def _send_snapshot(self, ident: bytes) -> None:
+        ob = self.outbox
+        snap_seq = ob.last_seq
+        cut_ms = now_ms()
+        records = self.replica.store.records()  # immutable tuples: a consistent cut
+        t0 = time.perf_counter()
+        chunk = self.snapshot_chunk
+        for index, start in enumerate(range(0, len(records), chunk)):
+            payload = wire.encode_snapshot_chunk(ob.incarnation, snap_seq, index, cut_ms,
+                                                 records[start:start + chunk])
+            await self._reply(ident, wire.SNAP, payload)
+        await self._reply(ident, wire.END, wire.encode_sync_end(
+            ob.incarnation, snap_seq, wire.MODE_SNAPSHOT, len(records), cut_ms))
+        self.stats.snapshots += 1
+        self.stats.snapshot_records += len(records)
+        log.info("served snapshot of %d contacts at seq %d in %.2fs", len(records), snap_seq,
+                 time.perf_counter() - t0)
+
+    async def _reply(self, ident: bytes, kind: bytes, payload: bytes,
+                     timeout: float = 30.0) -> None:
+        """Send to one DEALER, waiting (not dropping) while its queue is full."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            try:
+                await self.router.send_multipart((ident, kind, payload), flags=zmq.NOBLOCK,
+                                                 copy=False)
+                return
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise _PeerGone from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    raise _PeerGone from None
+                raise
+
+
+class _PeerGone(Exception):
+    pass
