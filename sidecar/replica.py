@@ -60,6 +60,7 @@ class Replica:
         self.origin_marker = node_id << 56
         self.stats = ReplicaStats()
         self.lag_ms: deque[int] = deque(maxlen=20_000)  # replication lag samples, per batch
+        self.needs_snapshot_from: set[int] = set()  # peers whose refreshes we could not place
 
     # ------------------------------------------------------------ local changes
     def local_put(self, rec: tuple) -> str:
@@ -110,6 +111,7 @@ class Replica:
         changes: each is counted and skipped, the rest of the batch still applies."""
         store = self.store
         put, refresh, delete = store.put, store.refresh, store.delete
+        unknown_before = store.stats.unknown_handle
         base = hdr.base_ms
         applied = 0
         for c in changes:
@@ -126,6 +128,10 @@ class Replica:
                 applied += delete(*c)
         self.stats.remote_changes += len(changes)
         self.stats.remote_applied += applied
+        if store.stats.unknown_handle != unknown_before:
+            # A refresh for a version we do not hold (possible only after a partition with
+            # the same phone registering on both sides): only a snapshot can repair it.
+            self.needs_snapshot_from.add(hdr.node_id)
         if changes:
             first = changes[0]
             if type(first) is tuple:

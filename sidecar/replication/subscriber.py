@@ -22,6 +22,8 @@ from .security import CurveConfig, apply_client_curve
 
 log = logging.getLogger(__name__)
 
+REPAIR_INTERVAL_S = 30.0
+
 
 class Subscriber:
     def __init__(self, ctx: zmq.asyncio.Context, replica: Replica, peer_id: int,
@@ -55,6 +57,7 @@ class Subscriber:
         self._tasks: list[asyncio.Task] = []
         self._seen: set[int] | None = None
         self.last_error = ""
+        self._last_repair = -REPAIR_INTERVAL_S
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._live(), name=f"sub-{self.peer_id}"),
@@ -152,6 +155,8 @@ class Subscriber:
         for a in actions:
             if type(a) is Apply:
                 replica.apply_remote(a.header, a.changes)
+                if self.peer_id in replica.needs_snapshot_from:
+                    self._repair()
             elif type(a) is ApplySnapshot:
                 replica.apply_snapshot(a.records, self._seen)
             elif type(a) is SnapshotDone:
@@ -173,6 +178,17 @@ class Subscriber:
         if exc is not None:
             # Nobody connected yet: the follower's timeout asks again.
             self.last_error = f"catch-up request not sent: {exc}"
+
+    def _repair(self) -> None:
+        """Snapshot after an unplaceable refresh, at most once per REPAIR_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._last_repair < REPAIR_INTERVAL_S:
+            return
+        self._last_repair = now
+        self.replica.needs_snapshot_from.discard(self.peer_id)
+        log.warning("peer %d: refresh for an unknown binding version; asking for a snapshot",
+                    self.peer_id)
+        self._run(self.follower.force_resync(now))
 
     def resync(self) -> None:
         self._run(self.follower.force_resync(time.monotonic()))
