@@ -85,6 +85,11 @@ def handle_origin(handle: int) -> int:
     return handle >> _NODE_SHIFT
 
 
+def handle_incarnation(handle: int) -> int:
+    """Incarnation (start second) of the node when it created the handle."""
+    return (handle >> _INCARNATION_SHIFT) & 0xFFFFFFFF
+
+
 class HandleAllocator:
     """Hands out 64-bit binding handles that never repeat for this node.
 

@@ -22,6 +22,7 @@ from .model import (
     RECORD_LEN,
     REFRESH_LEN,
     HandleAllocator,
+    handle_incarnation,
     handle_origin,
     now_ms,
     rec_bid,
@@ -157,11 +158,13 @@ class Replica:
                 seen.add(r[HANDLE])
         return applied
 
-    def prune_origin(self, origin: int, seen: set[int], cut_ms: int) -> int:
-        """Drop records of *origin* the peer no longer has (deleted there while we lagged)."""
+    def prune_origin(self, origin: int, incarnation: int, seen: set[int], cut_ms: int) -> int:
+        """Drop records the peer created in its current incarnation and no longer has
+        (deleted there while we lagged beyond its replay ring)."""
         doomed = [r for r in self.store
-                  if handle_origin(r[HANDLE]) == origin and r[HANDLE] not in seen
-                  and r[LAST_MODIFIED] <= cut_ms]
+                  if handle_origin(r[HANDLE]) == origin
+                  and handle_incarnation(r[HANDLE]) >= incarnation
+                  and r[HANDLE] not in seen and r[LAST_MODIFIED] <= cut_ms]
         for r in doomed:
             self.store.drop(r)
         self.stats.pruned += len(doomed)

@@ -45,16 +45,23 @@ class RequestSync:
 
 @dataclass(slots=True)
 class ApplySnapshot:
+    """Apply snapshot records; ``first`` starts a new set of seen handles for pruning."""
+
     records: tuple
+    first: bool
 
 
 @dataclass(slots=True)
 class SnapshotDone:
-    """Snapshot finished. When ``prune`` is true, local records of the peer's origin that were
-    not in the snapshot and are older than ``cut_ms`` were deleted at the peer meanwhile."""
+    """Snapshot finished: local records created by this incarnation of the peer that were not
+    in the snapshot and are older than ``cut_ms`` were deleted at the peer meanwhile.
+
+    Records of the peer's *earlier* incarnations are kept: a restarted peer may have forgotten
+    contacts we still hold, and those must flow back to it, not be pruned here.
+    """
 
     origin: int
-    prune: bool
+    incarnation: int
     cut_ms: int
 
 
@@ -94,6 +101,9 @@ class Follower:
     _overflowed: bool = False
     _sync_deadline: float = 0.0
     _sync_mode: int = 0
+    _sync_from: int = 0
+    _snap_next_chunk: int = 0
+    _snap_records: int = 0
 
     # ------------------------------------------------------------ inputs
     def on_batch(self, hdr: BatchHeader, changes: tuple, now: float) -> list:
@@ -103,9 +113,10 @@ class Follower:
         self.last_heard = now
         if self._check_epoch(hdr.incarnation, hdr.epoch):
             return []
-        self.peer_last_seq = max(self.peer_last_seq, hdr.seq_first + hdr.count - 1)
         if hdr.incarnation != self.incarnation:
-            return self._peer_restarted(hdr.incarnation, now, (hdr, changes))
+            return self._peer_restarted(hdr.incarnation, hdr.seq_first + hdr.count - 1, now,
+                                        (hdr, changes))
+        self.peer_last_seq = max(self.peer_last_seq, hdr.seq_first + hdr.count - 1)
         if self.state is not LinkState.LIVE:
             self._buffer_batch(hdr, changes)
             return self._resync_if_late(now)
@@ -118,9 +129,9 @@ class Follower:
         self.last_heard = now
         if self._check_epoch(hb.incarnation, hb.epoch):
             return []
-        self.peer_last_seq = max(self.peer_last_seq, hb.last_seq)
         if hb.incarnation != self.incarnation:
-            return self._peer_restarted(hb.incarnation, now, None)
+            return self._peer_restarted(hb.incarnation, hb.last_seq, now, None)
+        self.peer_last_seq = max(self.peer_last_seq, hb.last_seq)
         if self.state is LinkState.LIVE and hb.last_seq >= self.next_seq:
             # Batches up to last_seq left the publisher before this heartbeat on the same
             # socket; ZeroMQ keeps order, so the missing ones were dropped.
@@ -141,21 +152,26 @@ class Follower:
         if self.state is not LinkState.SYNCING or chunk.incarnation != self.incarnation:
             return []
         self._sync_deadline = now + self.sync_timeout
+        if chunk.index != self._snap_next_chunk:
+            # A chunk went missing (connection reset mid-snapshot): start over at once.
+            self.stats.gaps += 1
+            return self._request(now, 0)
         self._sync_mode = MODE_SNAPSHOT
+        self._snap_next_chunk += 1
+        self._snap_records += len(chunk.records)
         self.stats.snapshot_records += len(chunk.records)
-        return [ApplySnapshot(chunk.records)]
+        return [ApplySnapshot(chunk.records, chunk.index == 0)]
 
     def on_sync_end(self, end: SyncEnd, now: float) -> list:
         if self.state is not LinkState.SYNCING or end.incarnation != self.incarnation:
             return []
         actions: list = []
         if end.mode == MODE_SNAPSHOT:
+            if end.records != self._snap_records:
+                self.stats.gaps += 1
+                return self._request(now, 0)  # lost chunks at the tail: start over
             self.stats.snapshots += 1
-            # Prune only when the peer kept its memory (same incarnation we already followed):
-            # then its table is the truth for its own origin. A restarted peer may have
-            # forgotten contacts we still hold, so those are kept and flow back to it.
-            prune = self.synced_incarnation == self.incarnation
-            actions.append(SnapshotDone(self.peer_id, prune, end.cut_ms))
+            actions.append(SnapshotDone(self.peer_id, self.incarnation, end.cut_ms))
         if end.mode == MODE_SNAPSHOT:
             self.next_seq = end.upto_seq + 1
         # After a replay next_seq already stands after the last replayed batch; if the replay
@@ -198,7 +214,7 @@ class Follower:
             self.last_epoch = epoch
         return False
 
-    def _peer_restarted(self, incarnation: int, now: float, batch) -> list:
+    def _peer_restarted(self, incarnation: int, last_seq: int, now: float, batch) -> list:
         if incarnation < self.incarnation:
             # A frame from an older incarnation still in flight: ignore it.
             self.stats.foreign += 1
@@ -207,6 +223,7 @@ class Follower:
             self.stats.peer_restarts += 1
         self.incarnation = incarnation
         self.next_seq = 1
+        self.peer_last_seq = last_seq
         self._buffer.clear()
         self._buffered = 0
         self._overflowed = False
@@ -218,12 +235,18 @@ class Follower:
         self.state = LinkState.SYNCING
         self._sync_deadline = now + self.sync_timeout
         self._sync_mode = 0
+        self._sync_from = from_seq
+        self._snap_next_chunk = 0
+        self._snap_records = 0
         self.stats.syncs += 1
         return [RequestSync(self.incarnation, from_seq)]
 
     def _resync_if_late(self, now: float) -> list:
         if self.state is LinkState.SYNCING and now >= self._sync_deadline:
-            return self._request(now, 0 if self._sync_mode == MODE_SNAPSHOT else self.next_seq)
+            # Ask again for what is still missing: a replay that got partway continues from
+            # next_seq; a snapshot (or a first sync) starts over.
+            full = self._sync_mode == MODE_SNAPSHOT or self._sync_from == 0
+            return self._request(now, 0 if full else self.next_seq)
         return []
 
     def _buffer_batch(self, hdr: BatchHeader, changes: tuple) -> None:

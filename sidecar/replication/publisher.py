@@ -22,6 +22,7 @@ import zmq.asyncio
 from ..model import now_ms
 from ..replica import Replica
 from . import wire
+from .catchup import catchup_frames
 from .security import CurveConfig, apply_server_curve
 
 log = logging.getLogger(__name__)
@@ -151,40 +152,25 @@ class Publisher:
 
     async def _answer(self, ident: bytes, req: wire.SyncRequest) -> None:
         self.flush()  # everything in the store now has a sequence number
-        ob = self.outbox
+        t0 = time.perf_counter()
+        sent = 0
         try:
-            batches = None
-            if req.from_seq and req.incarnation == ob.incarnation:
-                batches = ob.replay_from(req.from_seq)
-            if batches is not None:
-                upto = ob.last_seq
-                for payload in batches:
-                    await self._reply(ident, wire.REPLAY, payload)
-                self.stats.replays += 1
-                await self._reply(ident, wire.END, wire.encode_sync_end(
-                    ob.incarnation, upto, wire.MODE_REPLAY, 0, now_ms()))
-                return
-            await self._send_snapshot(ident)
+            for kind, payload in catchup_frames(self.replica, req, self.snapshot_chunk):
+                await self._reply(ident, kind, payload)
+                await asyncio.sleep(0)  # keep live traffic flowing during a long snapshot
+                if kind == wire.END:
+                    end = wire.decode_sync_end(payload)
+                    if end.mode == wire.MODE_SNAPSHOT:
+                        self.stats.snapshots += 1
+                        self.stats.snapshot_records += end.records
+                        log.info("served snapshot of %d contacts at seq %d in %.2fs",
+                                 end.records, end.upto_seq, time.perf_counter() - t0)
+                    else:
+                        self.stats.replays += 1
+                        log.info("replayed %d batches up to seq %d", sent, end.upto_seq)
+                sent += 1
         except _PeerGone:
             log.info("catch-up receiver went away; dropped its request")
-
-    async def _send_snapshot(self, ident: bytes) -> None:
-        ob = self.outbox
-        snap_seq = ob.last_seq
-        cut_ms = now_ms()
-        records = self.replica.store.records()  # immutable tuples: a consistent cut
-        t0 = time.perf_counter()
-        chunk = self.snapshot_chunk
-        for index, start in enumerate(range(0, len(records), chunk)):
-            payload = wire.encode_snapshot_chunk(ob.incarnation, snap_seq, index, cut_ms,
-                                                 records[start:start + chunk])
-            await self._reply(ident, wire.SNAP, payload)
-        await self._reply(ident, wire.END, wire.encode_sync_end(
-            ob.incarnation, snap_seq, wire.MODE_SNAPSHOT, len(records), cut_ms))
-        self.stats.snapshots += 1
-        self.stats.snapshot_records += len(records)
-        log.info("served snapshot of %d contacts at seq %d in %.2fs", len(records), snap_seq,
-                 time.perf_counter() - t0)
 
     async def _reply(self, ident: bytes, kind: bytes, payload: bytes,
                      timeout: float = 30.0) -> None:

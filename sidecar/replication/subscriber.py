@@ -105,9 +105,6 @@ class Subscriber:
                     self._run(f.on_replay(hdr, changes, now))
                 elif kind == wire.SNAP:
                     chunk = wire.decode_snapshot_chunk(payload)
-                    if chunk.index == 0:
-                        same = f.synced_incarnation == f.incarnation == chunk.incarnation
-                        self._seen = set() if same else None
                     self._run(f.on_snapshot_chunk(chunk, now))
                 elif kind == wire.END:
                     self._run(f.on_sync_end(wire.decode_sync_end(payload), now))
@@ -158,10 +155,12 @@ class Subscriber:
                 if self.peer_id in replica.needs_snapshot_from:
                     self._repair()
             elif type(a) is ApplySnapshot:
+                if a.first or self._seen is None:
+                    self._seen = set()
                 replica.apply_snapshot(a.records, self._seen)
             elif type(a) is SnapshotDone:
-                if a.prune and self._seen is not None:
-                    n = replica.prune_origin(a.origin, self._seen, a.cut_ms)
+                if self._seen is not None:
+                    n = replica.prune_origin(a.origin, a.incarnation, self._seen, a.cut_ms)
                     if n:
                         log.info("peer %d: pruned %d contacts deleted there meanwhile",
                                  self.peer_id, n)
