@@ -1,5 +1,7 @@
 """The replica table: conflict rule, refresh, delete/tombstones, expiry, memory tricks."""
 
+import pytest
+
 from sidecar.model import (
     AOR,
     CSEQ,
@@ -16,8 +18,6 @@ from sidecar.model import (
     wins,
 )
 from sidecar.store import ContactStore
-
-import pytest
 
 NOW = 1_800_000_000
 
