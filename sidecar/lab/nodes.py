@@ -49,6 +49,8 @@ class NodeProcess:
     node_id: int
     workdir: Path
     extra_replication: dict[str, Any] = field(default_factory=dict)
+    extra_toml: str = ""  # appended verbatim (e.g. a [curve] table)
+    external_peers: list[tuple[int, str, str, str | None]] = field(default_factory=list)
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -57,6 +59,7 @@ class NodeProcess:
         self.peers: list[NodeProcess] = []
         self._push: zmq.Socket | None = None
         self._ctx: zmq.Context | None = None
+        self.public_key: str | None = None  # set when CURVE keys are made for this node
 
     @property
     def pub(self) -> str:
@@ -85,10 +88,13 @@ class NodeProcess:
         lines += ["", "[admin]", f'listen = "127.0.0.1:{self.admin_port}"', "",
                   "[ingest]", f'endpoint = "tcp://127.0.0.1:{self.ingest_port}"', "",
                   "[log]", 'level = "info"', ""]
-        for p in self.peers:
-            lines += ["[[peers]]", f"id = {p.node_id}", f'pub = "{p.pub}"', f'sync = "{p.sync}"',
-                      ""]
-        self.config_path.write_text("\n".join(lines))
+        peers = [(p.node_id, p.pub, p.sync, p.public_key) for p in self.peers]
+        for pid, pub, sync, key in peers + self.external_peers:
+            lines += ["[[peers]]", f"id = {pid}", f'pub = "{pub}"', f'sync = "{sync}"']
+            if key:
+                lines.append(f'public_key = "{key}"')
+            lines.append("")
+        self.config_path.write_text("\n".join(lines) + "\n" + self.extra_toml)
         return self.config_path
 
     def start(self, wait: float = 20.0) -> NodeProcess:
