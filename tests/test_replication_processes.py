@@ -6,6 +6,7 @@ digest of every contact (sc_digest), not just by counts.
 
 import signal
 import socket
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -177,7 +178,7 @@ def test_curve_encrypted_link_and_strangers_get_nothing(tmp_path):
     a, b = make_pair(tmp_path)
     for n, name in ((a, "a"), (b, "b")):
         public, secret = zmq.auth.create_certificates(keys, name)
-        (authorized / f"{name}.key").write_bytes(open(public, "rb").read())
+        (authorized / f"{name}.key").write_bytes(Path(public).read_bytes())
         n.public_key = str(public)
         n.extra_toml = (f'[curve]\nenabled = true\nsecret_key = "{secret}"\n'
                         f'authorized_keys = "{authorized}"\n')
