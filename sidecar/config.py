@@ -39,6 +39,7 @@ class ReplicationConfig:
     sync_timeout_s: float = 5.0
     snapshot_chunk: int = 5000
     apply_delay_ms: float = 0.0
+    tcp_buffer: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +168,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
         sync_timeout_s=r.num("sync_timeout_s", d.sync_timeout_s, lo=0.1, hi=3600),
         snapshot_chunk=r.int("snapshot_chunk", d.snapshot_chunk, lo=1, hi=1_000_000),
         apply_delay_ms=r.num("apply_delay_ms", d.apply_delay_ms, lo=0, hi=10_000),
+        tcp_buffer=r.int("tcp_buffer", d.tcp_buffer, lo=0, hi=1 << 30),
     )
     r.done()
 

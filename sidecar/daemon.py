@@ -72,14 +72,15 @@ class Daemon:
         self.publisher = Publisher(
             self.ctx, self.replica, rep.pub, rep.sync, heartbeat_s=rep.heartbeat_ms / 1000,
             sndhwm=rep.sndhwm, snapshot_chunk=rep.snapshot_chunk, curve=self.curve,
-            role=self.role)
+            tcp_buffer=rep.tcp_buffer, role=self.role)
         await self.publisher.start()
         for peer in cfg.peers:
             key = load_public_key(peer.public_key) if self.curve and peer.public_key else None
             sub = Subscriber(self.ctx, self.replica, peer.id, peer.pub, peer.sync,
                              rcvhwm=rep.rcvhwm, sync_timeout=rep.sync_timeout_s,
                              curve=self.curve, peer_public_key=key,
-                             apply_delay_s=rep.apply_delay_ms / 1000)
+                             apply_delay_s=rep.apply_delay_ms / 1000,
+                             tcp_buffer=rep.tcp_buffer)
             await sub.start()
             self.subscribers.append(sub)
         if cfg.ingest_endpoint:

@@ -18,9 +18,11 @@ from .model import (
     CSEQ,
     EXPIRES,
     HANDLE,
+    INSTANCE,
     LAST_MODIFIED,
     RECORD_LEN,
     REFRESH_LEN,
+    URI,
     HandleAllocator,
     handle_incarnation,
     handle_origin,
@@ -71,27 +73,28 @@ class Replica:
         here). Returns "put", "refresh" or "stale".
         """
         store = self.store
-        old = store.get(rec[AOR], rec_bid(rec))
+        aor = rec[AOR]
+        old = store.get(aor, rec[URI] if rec[INSTANCE] is None else rec_bid(rec))
         lm = rec[LAST_MODIFIED] or now_ms()
-        if old is not None and handle_origin(old[HANDLE]) == self.node_id:
+        if old is not None and old[HANDLE] >> 56 == self.node_id:
             handle = old[HANDLE]
+            if old[CALLID] == rec[CALLID] and all(old[i] == rec[i] for i in _SAME_EXCEPT_VERSION):
+                new = store.refresh(handle, rec[EXPIRES], rec[CSEQ], lm)
+                if new is None:
+                    self.stats.local_stale += 1
+                    return "stale"
+                ob = self.outbox
+                ob.pending.append((handle, rec[EXPIRES], rec[CSEQ], lm - ob.time_base()))
+                self.stats.local_refreshes += 1
+                return "refresh"
         else:
             handle = self.handles.next()
-        rec = (*rec[:LAST_MODIFIED], lm, handle)
-        if (old is not None and old[HANDLE] == handle and old[CALLID] == rec[CALLID]
-                and all(old[i] == rec[i] for i in _SAME_EXCEPT_VERSION)):
-            new = store.refresh(handle, rec[EXPIRES], rec[CSEQ], lm)
-            if new is None:
-                self.stats.local_stale += 1
-                return "stale"
-            ob = self.outbox
-            ob.pending.append((handle, rec[EXPIRES], rec[CSEQ], lm - ob.time_base()))
-            self.stats.local_refreshes += 1
-            return "refresh"
-        if not store.put(rec):
+        if not store.put(rec, old, lm, handle):
             self.stats.local_stale += 1
             return "stale"
-        self.outbox.pending.append(rec)
+        stored = store.last_put
+        self.outbox.pending.append(stored if stored is not None and stored[HANDLE] == handle
+                                   and stored[LAST_MODIFIED] == lm else (*rec[:16], lm, handle))
         self.stats.local_puts += 1
         return "put"
 

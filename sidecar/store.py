@@ -35,6 +35,7 @@ from .model import (
 )
 
 _POOL_LIMIT = 65_536
+_LOOKUP = object()  # sentinel: "look the old version up yourself"
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class ContactStore:
         self.tombstone_ttl = tombstone_ttl
         self.clock = clock
         self.stats = StoreStats()
+        self.last_put: tuple | None = None  # the tuple the last successful put() stored
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
@@ -157,31 +159,36 @@ class ContactStore:
         self._count -= 1
         self._by_handle.pop(rec[HANDLE], None)
 
-    def put(self, rec: tuple) -> bool:
+    def put(self, rec: tuple, old: tuple | object | None = _LOOKUP, lm: int = 0,
+            handle: int = 0) -> bool:
         """Apply a full version of a binding; False when it is stale (not applied).
 
-        This is the replication hot path, so lookups and interning are inlined.
+        ``old`` may be passed by a caller that already looked the binding up, and ``lm`` /
+        ``handle`` stamp the version (local changes) without building an extra tuple. This is
+        the replication hot path, so lookups and interning are inlined.
         """
         aor = rec[0]
         instance = rec[13]
         bid = rec[1] if instance is None else f"{instance}{KEY_SEP}{rec[14]}"
-        v = self._aors.get(aor)
-        old = None
-        if v is not None:
-            if type(v) is dict:
-                old = v.get(bid)
-            elif (v[1] if v[13] is None else f"{v[13]}{KEY_SEP}{v[14]}") == bid:
-                old = v
+        if old is _LOOKUP:
+            v = self._aors.get(aor)
+            old = None
+            if v is not None:
+                if type(v) is dict:
+                    old = v.get(bid)
+                elif (v[1] if v[13] is None else f"{v[13]}{KEY_SEP}{v[14]}") == bid:
+                    old = v
+        if not lm:
+            lm, handle = rec[16], rec[17]
         if old is not None:
-            if not wins(rec[7], rec[8], rec[16], rec[17], old[7], old[8], old[16], old[17]):
+            if not wins(rec[7], rec[8], lm, handle, old[7], old[8], old[16], old[17]):
                 self.stats.stale += 1
                 return False
             aor = old[0]
         elif self._tombs:
             tomb = self._tombs.get((aor, bid))
             if tomb is not None:
-                if not wins(rec[CALLID], rec[CSEQ], rec[LAST_MODIFIED], rec[HANDLE],
-                            tomb[0], tomb[1], tomb[2], tomb[3]):
+                if not wins(rec[7], rec[8], lm, handle, tomb[0], tomb[1], tomb[2], tomb[3]):
                     self.stats.stale += 1
                     return False
                 del self._tombs[(aor, bid)]
@@ -192,21 +199,33 @@ class ContactStore:
                 self._unlink(aor, bid, old)
             self.stats.expired += 1
             return True
-        # intern repeated strings: socket, user agent, path, methods
+        # intern repeated values (socket, user agent, path, methods) through a bounded pool
         pool = self._pool
         s, ua, p, m = rec[4], rec[9], rec[3], rec[12]
-        si = pool.get(s, s)
-        ui = pool.get(ua, ua)
-        pi = pool.get(p, p)
-        mi = pool.get(m, m)
-        if (si is s or ui is ua or pi is p or mi is m) and len(pool) < _POOL_LIMIT:
-            pool.setdefault(s, s)
-            pool.setdefault(ua, ua)
-            pool.setdefault(p, p)
-            pool.setdefault(m, m)
+        si = pool.get(s)
+        if si is None:
+            si = s
+            if len(pool) < _POOL_LIMIT:
+                pool[s] = s
+        ui = pool.get(ua)
+        if ui is None:
+            ui = ua
+            if len(pool) < _POOL_LIMIT:
+                pool[ua] = ua
+        pi = pool.get(p) if p is not None else None
+        if pi is None and p is not None:
+            pi = p
+            if len(pool) < _POOL_LIMIT:
+                pool[p] = p
+        mi = pool.get(m)
+        if mi is None:
+            mi = m
+            if len(pool) < _POOL_LIMIT:
+                pool[m] = m
         rec = (aor, rec[1], rec[2], pi, si, exp, rec[6], rec[7], rec[8], ui, rec[10], rec[11],
-               mi, instance, rec[14], rec[15], rec[16], rec[17])
+               mi, instance, rec[14], rec[15], lm, handle)
         self._link(aor, bid, rec, old)
+        self.last_put = rec
         self.stats.puts += 1
         return True
 

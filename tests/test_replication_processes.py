@@ -93,12 +93,12 @@ def test_active_killed_and_restarted_gets_its_contacts_back(pair):
 def test_slow_subscriber_loses_nothing(pair):
     # tiny queues and a subscriber that sleeps after every receive burst: the publisher's
     # PUB queue overflows and drops, and every drop must be detected and repaired
-    a, b = pair({"sndhwm": 4, "max_batch": 200},
-                {"rcvhwm": 4, "apply_delay_ms": 15})
+    tiny = {"sndhwm": 2, "rcvhwm": 2, "tcp_buffer": 16384, "max_batch": 100}
+    a, b = pair(tiny, {**tiny, "apply_delay_ms": 5})
     a.push(contacts(0, 40_000), chunk=500)
     wait_until(lambda: converged(a, b, 40_000), 90, interval=0.2, what="slow B catches up")
     stats = b.mi("sc_status")["peers"][0]["stats"]
-    assert stats["gaps"] + stats["syncs"] >= 2, stats  # drops happened and were repaired
+    assert stats["gaps"] >= 1, stats  # drops happened and were repaired
 
 
 def test_bad_frames_from_a_peer_are_counted_and_harmless(tmp_path):

@@ -56,6 +56,20 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
         return node.status()
 
     @reg.command(
+        "sc_counters",
+        help="Contact count and replication counters only (cheap enough to poll often).",
+    )
+    def sc_counters() -> dict:
+        r = node.replica
+        return {
+            "contacts": len(store),
+            "last_seq_sent": r.outbox.last_seq,
+            "remote_changes": r.stats.remote_changes,
+            "local_puts": r.stats.local_puts,
+            "local_refreshes": r.stats.local_refreshes,
+        }
+
+    @reg.command(
         "ul_dump",
         params=[
             Param("aor", str, required=False, help="only this AOR"),

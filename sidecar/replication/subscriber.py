@@ -30,7 +30,7 @@ class Subscriber:
                  pub_endpoint: str, sync_endpoint: str, *, rcvhwm: int = 10_000,
                  sync_timeout: float = 5.0, tick_s: float = 0.25,
                  curve: CurveConfig | None = None, peer_public_key: bytes | None = None,
-                 apply_delay_s: float = 0.0) -> None:
+                 apply_delay_s: float = 0.0, tcp_buffer: int = 0) -> None:
         self.replica = replica
         self.peer_id = peer_id
         self.pub_endpoint = pub_endpoint
@@ -51,6 +51,8 @@ class Subscriber:
                     raise ValueError(f"peer {peer_id}: CURVE needs the peer's public key")
                 apply_client_curve(s, curve, peer_public_key)
         self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        if tcp_buffer:
+            self.sub.setsockopt(zmq.RCVBUF, tcp_buffer)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(pub_endpoint)
         self.dealer.connect(sync_endpoint)
@@ -76,11 +78,12 @@ class Subscriber:
     # ------------------------------------------------------------ loops
     async def _live(self) -> None:
         sub = self.sub
+        burst = 1 if self.apply_delay_s else 256
         while True:
             frames = await sub.recv_multipart(copy=True)
             self._on_live(frames)
             # drain what is already queued without going back to the event loop each time
-            for _ in range(256):
+            for _ in range(burst - 1):
                 try:
                     frames = sub.recv_multipart(flags=zmq.NOBLOCK).result()
                 except zmq.Again:

@@ -147,9 +147,10 @@ _I = int
 _N = type(None)
 
 
-def check_change(c: Any) -> int:
+def check_change(c: Any, unstamped_ok: bool = False) -> int:
     """Return the change's length class (RECORD_LEN, REFRESH_LEN, DELETE_LEN) or raise.
 
+    ``unstamped_ok`` accepts records whose handle is still 0 (local ingestion stamps them).
     Type checks are unrolled by hand: this runs once per replicated change.
     """
     if type(c) is not tuple:
@@ -164,7 +165,8 @@ def check_change(c: Any) -> int:
                 and (c[4] is None or t(c[4]) is _S) and (c[9] is None or t(c[9]) is _S)
                 and (c[12] is None or t(c[12]) is _I) and (c[13] is None or t(c[13]) is _S)
                 and (c[15] is None or t(c[15]) is _S)
-                and c[0] and c[1] and c[5] >= 0 and c[8] >= 0 and c[17] > 0):
+                and c[0] and c[1] and c[5] >= 0 and c[8] >= 0
+                and (c[17] > 0 or (unstamped_ok and c[17] == 0))):
             return n
         raise WireError("bad_change", "contact record with wrong field types")
     if n == REFRESH_LEN:

@@ -20,7 +20,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from ..model import HANDLE, LAST_MODIFIED, RECORD_LEN
+from ..model import RECORD_LEN
 from ..replica import Replica
 from ..replication.wire import MAX_MESSAGE, WireError, check_change
 
@@ -87,8 +87,7 @@ class IngestSource:
         for c in changes:
             try:
                 if type(c) is tuple and len(c) == RECORD_LEN:
-                    stamped = (*c[:LAST_MODIFIED], c[LAST_MODIFIED] or 1, c[HANDLE] or 1)
-                    check_change(stamped)
+                    check_change(c, unstamped_ok=True)
                     counters[put(c)] += 1
                 elif (type(c) is tuple and len(c) == 4 and type(c[0]) is str
                       and type(c[1]) is str and type(c[2]) is str and type(c[3]) is int):
