@@ -10,6 +10,7 @@ from pathlib import Path
 def _run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .daemon import run
+    from .incarnation import IncarnationError
 
     try:
         cfg = load_config(args.config)
@@ -19,7 +20,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config}: OK (node {cfg.node_id}, {len(cfg.peers)} peer(s))")
         return 0
-    run(cfg)
+    try:
+        run(cfg)
+    except IncarnationError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -60,6 +60,7 @@ class AdminConfig:
 class Config:
     node_id: int
     node_name: str
+    state_dir: Path
     replication: ReplicationConfig
     peers: tuple[PeerConfig, ...]
     curve: CurveSettings
@@ -153,6 +154,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     top.used.add("node")
     node_id = node.int("id", lo=1, hi=MAX_NODE_ID, required=True)
     node_name = node.str("name", f"node{node_id}")
+    state_dir = node.path("state_dir", base) or Path("/var/lib/usrloc-sidecar")
     node.done()
 
     r = _Section("replication", data.get("replication", {}))
@@ -225,7 +227,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     level = lg.str("level", "info", choices=_LOG_LEVELS)
     lg.done()
 
-    return Config(node_id, node_name, rep, tuple(peers), curve,
+    return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
                   ingest, level)
 

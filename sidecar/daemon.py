@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from .admin.commands import CommandRegistry
 from .admin.node_commands import register_node_commands
 from .admin.server import AdminServer
 from .config import Config
+from .incarnation import next_incarnation
 from .metrics import NodeMetrics
 from .replica import Replica
 from .replication.publisher import Publisher
@@ -32,6 +34,8 @@ from .store import ContactStore
 
 log = logging.getLogger(__name__)
 
+GC_THRESHOLDS = tuple(int(x) for x in os.environ.get("SIDECAR_GC", "5000,20,50").split(","))
+
 
 class Daemon:
     def __init__(self, cfg: Config) -> None:
@@ -40,6 +44,7 @@ class Daemon:
         self.ctx = zmq.asyncio.Context()
         rep = cfg.replication
         self.replica = Replica(cfg.node_id, ContactStore(tombstone_ttl=cfg.tombstone_ttl_s),
+                               incarnation=next_incarnation(cfg.state_dir),
                                max_batch=rep.max_batch, ring_changes=rep.ring_changes)
         self.curve: CurveConfig | None = None
         self.authenticator: AsyncioAuthenticator | None = None
@@ -60,7 +65,7 @@ class Daemon:
         cfg, rep = self.cfg, self.cfg.replication
         # Contact tuples are GC-untracked, but building a million of them triggers many
         # young-generation collections; a larger threshold keeps bulk loads at full speed.
-        gc.set_threshold(50_000, 20, 100)
+        gc.set_threshold(*GC_THRESHOLDS)
         if cfg.curve.enabled:
             assert cfg.curve.secret_key is not None
             self.curve = CurveConfig.from_files(cfg.curve.secret_key, cfg.curve.authorized_keys)
@@ -180,4 +185,12 @@ def run(cfg: Config) -> None:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a listed dependency
         runner = asyncio.run
+    profile_path = os.environ.get("SIDECAR_PROFILE")
+    if profile_path:  # developer aid: cProfile the whole run, written at clean shutdown
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            runner(Daemon(cfg).run_until_signalled())
+        prof.dump_stats(profile_path)
+        return
     runner(Daemon(cfg).run_until_signalled())

@@ -48,9 +48,7 @@ def run_history(ops):
         else:
             node.local_put(make_record(aor=f"p{phone}", uri=uri, callid=state[0], cseq=state[1],
                                        expires=FUTURE + exp, handle=0, last_modified=t))
-        payload = node.outbox.flush()
-        if payload is not None:
-            streams[node_i].append(payload)
+        streams[node_i].extend(node.outbox.flush())
     return nodes, streams
 
 

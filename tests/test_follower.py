@@ -47,17 +47,17 @@ class Link:
                     self.seen = set()
                 self.sub.apply_snapshot(a.records, self.seen)
             elif isinstance(a, SnapshotDone):
-                if self.seen is not None:
-                    self.sub.prune_origin(a.origin, a.incarnation, self.seen, a.cut_ms)
+                self.sub.prune_origin(a.origin, a.incarnation, self.seen or set(), a.cut_ms)
                 self.seen = None
             elif isinstance(a, RequestSync):
+                self.seen = None
                 self.requests.append(a)
 
     def serve_requests(self, lossy=False):
         while self.requests:
             req = self.requests.pop(0)
             for kind, payload in catchup_frames(
-                    self.pub, wire.SyncRequest(2, req.incarnation, req.from_seq), 7):
+                    self.pub, wire.SyncRequest(2, req.incarnation, req.from_seq, req.req_id), 7):
                 if lossy and self.rng.random() < self.drop:
                     continue
                 if kind == wire.REPLAY:
@@ -69,14 +69,12 @@ class Link:
                     self.run(self.f.on_sync_end(wire.decode_sync_end(payload), self.now))
 
     def publish(self, lossy=True):
-        payload = self.pub.outbox.flush()
-        if payload is None:
-            return
-        copies = 0 if lossy and self.rng.random() < self.drop else 1
-        if lossy and self.rng.random() < self.dup:
-            copies += 1
-        for _ in range(copies):
-            self.run(self.f.on_batch(*wire.decode_batch(payload), self.now))
+        for payload in self.pub.outbox.flush():
+            copies = 0 if lossy and self.rng.random() < self.drop else 1
+            if lossy and self.rng.random() < self.dup:
+                copies += 1
+            for _ in range(copies):
+                self.run(self.f.on_batch(*wire.decode_batch(payload), self.now))
 
     def heartbeat(self):
         ob = self.pub.outbox
@@ -106,7 +104,7 @@ def test_dropped_batch_is_detected_and_replayed():
     link.serve_requests()
     for i in range(3):
         link.pub.local_put(contact(i))
-        payload = link.pub.outbox.flush()
+        [payload] = link.pub.outbox.flush()
         if i != 1:  # the middle batch is lost
             link.run(link.f.on_batch(*wire.decode_batch(payload), 0))
     assert link.f.stats.gaps == 1 and link.requests[0].from_seq == 2
@@ -241,3 +239,45 @@ def test_lossy_channel_never_loses_a_change(seed, drop, dup, n, ring):
         if link.f.state is LinkState.LIVE and link.f.lag == 0:
             break
     assert link.tables_equal()
+
+
+def test_burst_larger_than_a_batch_keeps_refresh_time_base():
+    """A burst split into several batches: every batch carries the base the refresh deltas
+    were computed against (regression: later batches used to carry base 0)."""
+    link = Link(max_batch=2)
+    link.heartbeat()
+    link.serve_requests()
+    for i in range(4):
+        link.pub.local_put(contact(i))
+    link.publish(lossy=False)
+    for i in range(4):
+        link.pub.local_put(contact(i, version=2))  # 4 refreshes -> 2 batches
+    payloads = link.pub.outbox.flush()
+    assert len(payloads) == 2
+    for p in payloads:
+        hdr, changes = wire.decode_batch(p)
+        assert hdr.base_ms > 0 and all(len(c) == 4 for c in changes)
+        link.run(link.f.on_batch(hdr, changes, 0))
+    assert link.tables_equal()
+    assert all(r[16] > 1_600_000_000_000 for r in link.sub.store.records())
+
+
+def test_answers_to_an_older_request_are_ignored():
+    link = Link()
+    for i in range(20):
+        link.pub.local_put(contact(i))
+    link.publish()
+    [first] = link.requests
+    link.now += 5  # the first answer is late: the follower asks again
+    link.run(link.f.tick(link.now))
+    assert len(link.requests) == 2 and link.requests[1].req_id != first.req_id
+    old = list(catchup_frames(link.pub, wire.SyncRequest(2, first.incarnation, 0,
+                                                         first.req_id), 7))
+    for kind, payload in old:  # stale chunks and END change nothing
+        if kind == wire.SNAP:
+            assert link.f.on_snapshot_chunk(wire.decode_snapshot_chunk(payload), link.now) == []
+        else:
+            assert link.f.on_sync_end(wire.decode_sync_end(payload), link.now) == []
+    link.requests.pop(0)
+    link.serve_requests()
+    assert link.f.state is LinkState.LIVE and link.tables_equal()

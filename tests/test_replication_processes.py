@@ -144,8 +144,10 @@ def test_bad_frames_from_a_peer_are_counted_and_harmless(tmp_path):
         good = contact(5000)[:16] + (1_790_000_000_000, (3 << 56) | (inc << 24) | 1)
         bad = ("x",) * 18
         if router.poll(3000):
-            ident = router.recv_multipart()[0]
-            router.send_multipart([ident, b"END", wire.encode_sync_end(inc, 0, 2, 0, 0)])
+            ident, _, req_payload = router.recv_multipart()
+            req = wire.decode_sync_request(req_payload)
+            router.send_multipart([ident, b"END",
+                                   wire.encode_sync_end(inc, 0, req.req_id, 2, 0, 0)])
         wait_until(lambda: next(p for p in node.mi("sc_status")["peers"]
                                 if p["peer"] == 3)["state"] == "live", 10, what="live")
         pub.send_multipart([b"B", wire.encode_batch(3, inc, 5, 1, 0, [bad, good, (1, 2)])])

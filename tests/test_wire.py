@@ -73,9 +73,12 @@ def test_roundtrip_every_message():
     assert hdr == wire.BatchHeader(3, 9, 2, 7, 1, 1000) and changes == ((5, 6, 7, 8),)
     hb = wire.decode_heartbeat(wire.encode_heartbeat(3, 9, 2, 8, 1234, "passive"))
     assert hb == wire.Heartbeat(3, 9, 2, 8, 1234, "passive")
-    assert wire.decode_sync_request(wire.encode_sync_request(2, 9, 5)) == wire.SyncRequest(2, 9, 5)
-    end = wire.decode_sync_end(wire.encode_sync_end(9, 8, wire.MODE_REPLAY, 0, 77))
-    assert end == wire.SyncEnd(9, 8, wire.MODE_REPLAY, 0, 77)
+    req = wire.decode_sync_request(wire.encode_sync_request(2, 9, 5, 3))
+    assert req == wire.SyncRequest(2, 9, 5, 3)
+    end = wire.decode_sync_end(wire.encode_sync_end(9, 8, 3, wire.MODE_REPLAY, 0, 77))
+    assert end == wire.SyncEnd(9, 8, 3, wire.MODE_REPLAY, 0, 77)
+    chunk = wire.decode_snapshot_chunk(wire.encode_snapshot_chunk(9, 8, 3, 0, 77, []))
+    assert chunk == wire.SnapshotChunk(9, 8, 3, 0, 77, ())
     assert wire.decode_error(wire.encode_error(3, "busy")) == (3, "busy")
 
 
@@ -83,6 +86,8 @@ def test_roundtrip_every_message():
     (b"", "malformed"),
     (b"\xc1", "malformed"),  # never-used msgpack byte
     (msgpack.packb([2, 1, 1, 1, 1, 0, 0, []]), "version"),
+    (msgpack.packb([2, 1]), "version"),  # a future major with a shorter layout
+    (msgpack.packb([True, 1, 1, 1, 1, 0, 0, []]), "version"),  # true is not 1
     (msgpack.packb([1, 1, 1, 1, 1, 2, 0, [[1, 2, 3, 4]]]), "malformed"),  # count mismatch
     (msgpack.packb([1, 0, 1, 1, 1, 0, 0, []]), "malformed"),  # node 0
     (msgpack.packb([1, 1, -1, 1, 1, 0, 0, []]), "malformed"),  # negative incarnation
@@ -110,6 +115,7 @@ def test_oversize_is_rejected_before_decoding(monkeypatch):
     ("", *contact(1)[1:17], 1),  # empty AOR
     (*contact(1)[:5], "soon", *contact(1)[6:17], 1),  # expires not an int
     ["not", "a", "tuple", "x"],
+    contact(1)[:13] + ("",) + contact(1)[14:17] + (1,),  # empty instance must be nil
 ])
 def test_bad_changes_are_rejected(change):
     with pytest.raises(wire.WireError):

@@ -79,7 +79,8 @@ class NodeProcess:
 
     def write_config(self) -> Path:
         lines = [
-            "[node]", f"id = {self.node_id}", f'name = "node{self.node_id}"', "",
+            "[node]", f"id = {self.node_id}", f'name = "node{self.node_id}"',
+            f'state_dir = "{self.workdir / "state"}"', "",
             "[replication]", f'pub = "{self.pub}"', f'sync = "{self.sync}"',
             "heartbeat_ms = 100", "sync_timeout_s = 2",
         ]

@@ -24,13 +24,14 @@ def catchup_frames(replica: Replica, req: wire.SyncRequest, chunk: int
         upto = ob.last_seq
         for payload in batches:
             yield wire.REPLAY, payload
-        yield wire.END, wire.encode_sync_end(ob.incarnation, upto, wire.MODE_REPLAY, 0, now_ms())
+        yield wire.END, wire.encode_sync_end(ob.incarnation, upto, req.req_id, wire.MODE_REPLAY,
+                                             0, now_ms())
         return
     snap_seq = ob.last_seq
     cut_ms = now_ms()
     records = replica.store.records()  # immutable tuples: copying the list is a consistent cut
     for index, start in enumerate(range(0, len(records), chunk)):
-        yield wire.SNAP, wire.encode_snapshot_chunk(ob.incarnation, snap_seq, index, cut_ms,
-                                                    records[start:start + chunk])
-    yield wire.END, wire.encode_sync_end(ob.incarnation, snap_seq, wire.MODE_SNAPSHOT,
-                                         len(records), cut_ms)
+        yield wire.SNAP, wire.encode_snapshot_chunk(ob.incarnation, snap_seq, req.req_id, index,
+                                                    cut_ms, records[start:start + chunk])
+    yield wire.END, wire.encode_sync_end(ob.incarnation, snap_seq, req.req_id,
+                                         wire.MODE_SNAPSHOT, len(records), cut_ms)

@@ -41,6 +41,7 @@ class Apply:
 class RequestSync:
     incarnation: int  # the publisher incarnation we follow (0 = none yet)
     from_seq: int  # 0 = full snapshot
+    req_id: int  # answers (SNAP, END) to any other request id are ignored
 
 
 @dataclass(slots=True)
@@ -104,6 +105,7 @@ class Follower:
     _sync_from: int = 0
     _snap_next_chunk: int = 0
     _snap_records: int = 0
+    _req_id: int = 0
 
     # ------------------------------------------------------------ inputs
     def on_batch(self, hdr: BatchHeader, changes: tuple, now: float) -> list:
@@ -149,7 +151,8 @@ class Follower:
         return self._take(hdr, changes, now, replay=True)
 
     def on_snapshot_chunk(self, chunk: SnapshotChunk, now: float) -> list:
-        if self.state is not LinkState.SYNCING or chunk.incarnation != self.incarnation:
+        if (self.state is not LinkState.SYNCING or chunk.incarnation != self.incarnation
+                or chunk.req_id != self._req_id):
             return []
         self._sync_deadline = now + self.sync_timeout
         if chunk.index != self._snap_next_chunk:
@@ -163,7 +166,8 @@ class Follower:
         return [ApplySnapshot(chunk.records, chunk.index == 0)]
 
     def on_sync_end(self, end: SyncEnd, now: float) -> list:
-        if self.state is not LinkState.SYNCING or end.incarnation != self.incarnation:
+        if (self.state is not LinkState.SYNCING or end.incarnation != self.incarnation
+                or end.req_id != self._req_id):
             return []
         actions: list = []
         if end.mode == MODE_SNAPSHOT:
@@ -239,7 +243,8 @@ class Follower:
         self._snap_next_chunk = 0
         self._snap_records = 0
         self.stats.syncs += 1
-        return [RequestSync(self.incarnation, from_seq)]
+        self._req_id += 1
+        return [RequestSync(self.incarnation, from_seq, self._req_id)]
 
     def _resync_if_late(self, now: float) -> list:
         if self.state is LinkState.SYNCING and now >= self._sync_deadline:

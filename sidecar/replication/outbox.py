@@ -44,22 +44,26 @@ class Outbox:
     def full(self) -> bool:
         return len(self.pending) >= self.max_batch
 
-    def flush(self) -> bytes | None:
-        """Encode what is pending as the next batch (or None if nothing is pending)."""
-        if not self.pending:
-            return None
-        changes, self.pending = self.pending, []
-        seq_first = self.last_seq + 1
-        payload = encode_batch(self.node_id, self.incarnation, self.epoch, seq_first,
-                               self.base_ms, changes)
-        self.base_ms = 0
-        self.last_seq += len(changes)
+    def flush(self) -> list[bytes]:
+        """Encode everything pending as batches of at most ``max_batch`` changes with
+        consecutive sequence numbers. All of them carry the same ``base_ms``, the base the
+        pending refreshes' deltas were computed against."""
+        out: list[bytes] = []
+        pending, self.pending = self.pending, []
+        base, self.base_ms = self.base_ms, 0
         st = self.stats
-        st.changes += len(changes)
-        st.batches += 1
-        st.bytes += len(payload)
-        self._remember(seq_first, len(changes), payload)
-        return payload
+        for start in range(0, len(pending), self.max_batch):
+            changes = pending[start:start + self.max_batch]
+            seq_first = self.last_seq + 1
+            payload = encode_batch(self.node_id, self.incarnation, self.epoch, seq_first, base,
+                                   changes)
+            self.last_seq += len(changes)
+            st.changes += len(changes)
+            st.batches += 1
+            st.bytes += len(payload)
+            self._remember(seq_first, len(changes), payload)
+            out.append(payload)
+        return out
 
     def time_base(self) -> int:
         """The base every refresh's ``lm_delta`` in the pending batch is relative to."""

@@ -72,6 +72,7 @@ class Publisher:
         self._flush_scheduled = False
         self._tasks: list[asyncio.Task] = []
         self._serving: set[asyncio.Task] = set()
+        self._answering: dict[bytes, asyncio.Task] = {}
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
@@ -99,14 +100,8 @@ class Publisher:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        outbox = self.outbox
-        while outbox.pending:
-            more = outbox.pending[outbox.max_batch:]
-            del outbox.pending[outbox.max_batch:]
-            payload = outbox.flush()
-            outbox.pending = more
-            if payload is not None:
-                self._send(wire.BATCH, payload)
+        for payload in self.outbox.flush():
+            self._send(wire.BATCH, payload)
 
     def _send(self, kind: bytes, payload: bytes) -> None:
         try:
@@ -149,9 +144,15 @@ class Publisher:
                 await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)))
                 continue
             self.stats.sync_requests += 1
+            previous = self._answering.pop(ident, None)
+            if previous is not None:
+                previous.cancel()  # the requester gave up on it: answer only the newest
             task = asyncio.create_task(self._answer(ident, req))
+            self._answering[ident] = task
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
+            task.add_done_callback(lambda t, i=ident: self._answering.pop(i, None)
+                                   if self._answering.get(i) is t else None)
 
     async def _answer(self, ident: bytes, req: wire.SyncRequest) -> None:
         self.flush()  # everything in the store now has a sequence number

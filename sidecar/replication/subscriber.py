@@ -125,6 +125,8 @@ class Subscriber:
         while True:
             await asyncio.sleep(self.tick_s)
             self._run(self.follower.tick(time.monotonic()))
+            if self.peer_id in self.replica.needs_snapshot_from:
+                self._repair()  # a repair postponed by the rate limit
 
     # ------------------------------------------------------------ plumbing
     def _on_live(self, frames: list[bytes]) -> None:
@@ -162,15 +164,17 @@ class Subscriber:
                     self._seen = set()
                 replica.apply_snapshot(a.records, self._seen)
             elif type(a) is SnapshotDone:
-                if self._seen is not None:
-                    n = replica.prune_origin(a.origin, a.incarnation, self._seen, a.cut_ms)
-                    if n:
-                        log.info("peer %d: pruned %d contacts deleted there meanwhile",
-                                 self.peer_id, n)
+                # no chunk at all means the peer's table is empty: prune against nothing
+                seen = self._seen if self._seen is not None else set()
+                n = replica.prune_origin(a.origin, a.incarnation, seen, a.cut_ms)
+                if n:
+                    log.info("peer %d: pruned %d contacts deleted there meanwhile",
+                             self.peer_id, n)
                 self._seen = None
             elif type(a) is RequestSync:
                 self._seen = None
-                payload = wire.encode_sync_request(replica.node_id, a.incarnation, a.from_seq)
+                payload = wire.encode_sync_request(replica.node_id, a.incarnation, a.from_seq,
+                                                   a.req_id)
                 fut = self.dealer.send_multipart((wire.SYNC, payload), flags=zmq.NOBLOCK)
                 fut.add_done_callback(self._sent)
                 log.info("peer %d: catch-up requested from seq %d", self.peer_id, a.from_seq)

@@ -74,21 +74,24 @@ class SyncRequest:
     node_id: int
     incarnation: int  # publisher incarnation the requester last followed (0 = none)
     from_seq: int  # first sequence number wanted (0 = full snapshot)
+    req_id: int  # echoed in SNAP and END so answers to older requests can be told apart
 
 
 @dataclass(slots=True, frozen=True)
 class SnapshotChunk:
     incarnation: int
     snap_seq: int
+    req_id: int
     index: int
     cut_ms: int
-    records: list
+    records: tuple
 
 
 @dataclass(slots=True, frozen=True)
 class SyncEnd:
     incarnation: int
     upto_seq: int
+    req_id: int
     mode: int
     records: int
     cut_ms: int
@@ -108,10 +111,14 @@ def _unpack(payload: bytes) -> Any:
 
 
 def _array(obj: Any, min_len: int, what: str) -> tuple:
-    if type(obj) is not tuple or len(obj) < min_len:
-        raise WireError("malformed", f"{what}: expected array of >= {min_len} items")
-    if obj[0] != VERSION:
+    """Check the version first (so a future major with another layout is reported as a version
+    mismatch, not as garbage), then the length. Extra trailing elements are ignored."""
+    if type(obj) is not tuple or not obj:
+        raise WireError("malformed", f"{what}: expected an array")
+    if type(obj[0]) is not int or obj[0] != VERSION:
         raise WireError("version", f"{what}: protocol version {obj[0]!r}, want {VERSION}")
+    if len(obj) < min_len:
+        raise WireError("malformed", f"{what}: expected array of >= {min_len} items")
     return obj
 
 
@@ -142,41 +149,46 @@ def decode_batch(payload: bytes) -> tuple[BatchHeader, tuple]:
     return BatchHeader(*head), changes
 
 
-_S = str
-_I = int
+def _signatures(fields: list[tuple[type, ...]]) -> frozenset[tuple[type, ...]]:
+    """Every exact type tuple a change may have (nullable fields give several)."""
+    out: list[tuple[type, ...]] = [()]
+    for choices in fields:
+        out = [sig + (t,) for sig in out for t in choices]
+    return frozenset(out)
+
+
 _N = type(None)
+_OPT_S = (str, _N)
+# positions: see sidecar.model (AOR .. HANDLE)
+_RECORD_TYPES = _signatures([
+    (str,), (str,), _OPT_S, _OPT_S, _OPT_S, (int,), (int,), (str,), (int,), _OPT_S, (int,),
+    (int,), (int, _N), _OPT_S, (int,), _OPT_S, (int,), (int,)])
+_REFRESH_TYPES = (int, int, int, int)
+_DELETE_TYPES = (str, str, str, int, int, int)
 
 
 def check_change(c: Any, unstamped_ok: bool = False) -> int:
     """Return the change's length class (RECORD_LEN, REFRESH_LEN, DELETE_LEN) or raise.
 
     ``unstamped_ok`` accepts records whose handle is still 0 (local ingestion stamps them).
-    Type checks are unrolled by hand: this runs once per replicated change.
+    This runs once per replicated change, so the type check is one C-level ``map(type, c)``
+    looked up in the precomputed set of valid signatures (exact types: a bool is no int).
     """
     if type(c) is not tuple:
         raise WireError("bad_change", "not an array")
     n = len(c)
+    sig = tuple(map(type, c))
     if n == RECORD_LEN:
-        t = type
-        if (t(c[0]) is _S and t(c[1]) is _S and t(c[7]) is _S and t(c[5]) is _I
-                and t(c[6]) is _I and t(c[8]) is _I and t(c[10]) is _I and t(c[11]) is _I
-                and t(c[14]) is _I and t(c[16]) is _I and t(c[17]) is _I
-                and (c[2] is None or t(c[2]) is _S) and (c[3] is None or t(c[3]) is _S)
-                and (c[4] is None or t(c[4]) is _S) and (c[9] is None or t(c[9]) is _S)
-                and (c[12] is None or t(c[12]) is _I) and (c[13] is None or t(c[13]) is _S)
-                and (c[15] is None or t(c[15]) is _S)
-                and c[0] and c[1] and c[5] >= 0 and c[8] >= 0
+        if (sig in _RECORD_TYPES and c[0] and c[1] and c[5] >= 0 and c[8] >= 0 and c[13] != ""
                 and (c[17] > 0 or (unstamped_ok and c[17] == 0))):
             return n
-        raise WireError("bad_change", "contact record with wrong field types")
+        raise WireError("bad_change", "contact record with wrong field types or values")
     if n == REFRESH_LEN:
-        if (type(c[0]) is _I and type(c[1]) is _I and type(c[2]) is _I and type(c[3]) is _I
-                and c[0] > 0 and c[1] >= 0 and c[2] >= 0):
+        if sig == _REFRESH_TYPES and c[0] > 0 and c[1] >= 0 and c[2] >= 0:
             return n
         raise WireError("bad_change", "refresh with wrong field types")
     if n == DELETE_LEN:
-        if (type(c[0]) is _S and type(c[1]) is _S and type(c[2]) is _S and type(c[3]) is _I
-                and type(c[4]) is _I and type(c[5]) is _I and c[5] > 0):
+        if sig == _DELETE_TYPES and c[5] > 0:
             return n
         raise WireError("bad_change", "delete with wrong field types")
     raise WireError("bad_change", f"array of {n} items is no known change")
@@ -197,40 +209,40 @@ def decode_heartbeat(payload: bytes) -> Heartbeat:
 
 
 # ---------------------------------------------------------------- catch-up
-def encode_sync_request(node_id: int, incarnation: int, from_seq: int) -> bytes:
-    return _packb((VERSION, node_id, incarnation, from_seq))
+def encode_sync_request(node_id: int, incarnation: int, from_seq: int, req_id: int) -> bytes:
+    return _packb((VERSION, node_id, incarnation, from_seq, req_id))
 
 
 def decode_sync_request(payload: bytes) -> SyncRequest:
-    obj = _array(_unpack(payload), 4, "sync request")
-    _ints(obj[1:4], "sync request")
-    return SyncRequest(*obj[1:4])
+    obj = _array(_unpack(payload), 5, "sync request")
+    _ints(obj[1:5], "sync request")
+    return SyncRequest(*obj[1:5])
 
 
-def encode_snapshot_chunk(incarnation: int, snap_seq: int, index: int, cut_ms: int,
-                          records: list) -> bytes:
-    return _packb((VERSION, incarnation, snap_seq, index, cut_ms, records))
+def encode_snapshot_chunk(incarnation: int, snap_seq: int, req_id: int, index: int,
+                          cut_ms: int, records: list) -> bytes:
+    return _packb((VERSION, incarnation, snap_seq, req_id, index, cut_ms, records))
 
 
 def decode_snapshot_chunk(payload: bytes) -> SnapshotChunk:
-    obj = _array(_unpack(payload), 6, "snapshot chunk")
-    _ints(obj[1:5], "snapshot chunk")
-    if type(obj[5]) is not tuple:
+    obj = _array(_unpack(payload), 7, "snapshot chunk")
+    _ints(obj[1:6], "snapshot chunk")
+    if type(obj[6]) is not tuple:
         raise WireError("malformed", "snapshot chunk: records must be an array")
-    return SnapshotChunk(*obj[1:6])
+    return SnapshotChunk(*obj[1:7])
 
 
-def encode_sync_end(incarnation: int, upto_seq: int, mode: int, records: int,
+def encode_sync_end(incarnation: int, upto_seq: int, req_id: int, mode: int, records: int,
                     cut_ms: int) -> bytes:
-    return _packb((VERSION, incarnation, upto_seq, mode, records, cut_ms))
+    return _packb((VERSION, incarnation, upto_seq, req_id, mode, records, cut_ms))
 
 
 def decode_sync_end(payload: bytes) -> SyncEnd:
-    obj = _array(_unpack(payload), 6, "sync end")
-    _ints(obj[1:6], "sync end")
-    if obj[3] not in (MODE_REPLAY, MODE_SNAPSHOT):
-        raise WireError("malformed", f"sync end: unknown mode {obj[3]}")
-    return SyncEnd(*obj[1:6])
+    obj = _array(_unpack(payload), 7, "sync end")
+    _ints(obj[1:7], "sync end")
+    if obj[4] not in (MODE_REPLAY, MODE_SNAPSHOT):
+        raise WireError("malformed", f"sync end: unknown mode {obj[4]}")
+    return SyncEnd(*obj[1:7])
 
 
 def encode_error(code: int, message: str) -> bytes:
