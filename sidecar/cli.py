@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_run)
     sub.add_parser("mi", help="send an admin command: sidecar mi [--url U] CMD [PARAMS...]")
     p = sub.add_parser("demo", help="run an active/standby pair on this machine")
-    p.add_argument("--contacts", type=int, default=20_000)
+    p.add_argument("--contacts", type=int, default=50_000)
     p.set_defaults(func=_demo)
     p = sub.add_parser("keygen", help="create a CURVE keypair for replication links")
     p.add_argument("directory")
