@@ -69,6 +69,7 @@ class Config:
     expiry_interval_ms: int = 500
     ingest_endpoint: str | None = None
     log_level: str = "info"
+    sources: tuple[Any, ...] = ()  # parsed settings objects, one per [[sources]] table
     source_path: Path | None = field(default=None, compare=False)
 
 
@@ -76,8 +77,11 @@ _ENDPOINT_PREFIXES = ("tcp://", "ipc://", "inproc://")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class _Section:
-    """Reads typed keys out of one TOML table and rejects the ones nobody asked for."""
+class Section:
+    """Reads typed keys out of one TOML table and rejects the ones nobody asked for.
+
+    Sources parse their own ``[[sources]]`` table with it, so their errors look the same.
+    """
 
     def __init__(self, name: str, data: Any) -> None:
         if not isinstance(data, dict):
@@ -145,19 +149,19 @@ class _Section:
 
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
-    top = _Section("(top level)", data)
+    top = Section("(top level)", data)
     for key in data:
         if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
-                       "log"):
+                       "log", "sources"):
             raise ConfigError(f"{key}: unknown section")
-    node = _Section("node", data.get("node", {}))
+    node = Section("node", data.get("node", {}))
     top.used.add("node")
     node_id = node.int("id", lo=1, hi=MAX_NODE_ID, required=True)
     node_name = node.str("name", f"node{node_id}")
     state_dir = node.path("state_dir", base) or Path("/var/lib/usrloc-sidecar")
     node.done()
 
-    r = _Section("replication", data.get("replication", {}))
+    r = Section("replication", data.get("replication", {}))
     d = ReplicationConfig()
     rep = ReplicationConfig(
         pub=r.endpoint("pub", d.pub),
@@ -180,7 +184,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     peers = []
     seen_ids = {node_id}
     for i, p in enumerate(peers_raw):
-        ps = _Section(f"peers[{i}]", p)
+        ps = Section(f"peers[{i}]", p)
         pid = ps.int("id", lo=1, hi=MAX_NODE_ID, required=True)
         if pid in seen_ids:
             raise ConfigError(f"peers[{i}].id: node id {pid} is used twice")
@@ -189,7 +193,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
                                 ps.endpoint("sync", required=True), ps.path("public_key", base)))
         ps.done()
 
-    c = _Section("curve", data.get("curve", {}))
+    c = Section("curve", data.get("curve", {}))
     curve = CurveSettings(c.bool("enabled", False), c.path("secret_key", base),
                           c.path("authorized_keys", base))
     c.done()
@@ -200,7 +204,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
             if p.public_key is None:
                 raise ConfigError(f"peers[{i}].public_key: required when curve.enabled is true")
 
-    a = _Section("admin", data.get("admin", {}))
+    a = Section("admin", data.get("admin", {}))
     listen = a.str("listen", "127.0.0.1:8899")
     host, sep, port_s = listen.rpartition(":")
     if not sep or not port_s.isdigit() or not 0 <= int(port_s) <= 65535 or not host:
@@ -214,22 +218,30 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
             raise ConfigError(f"admin.token_file: cannot read {token_file}: {exc}") from None
     a.done()
 
-    s = _Section("store", data.get("store", {}))
+    s = Section("store", data.get("store", {}))
     tomb = s.num("tombstone_ttl_s", 300.0, lo=0, hi=86400 * 7)
     expiry_ms = s.int("expiry_interval_ms", 500, lo=10, hi=60_000)
     s.done()
 
-    ing = _Section("ingest", data.get("ingest", {}))
+    ing = Section("ingest", data.get("ingest", {}))
     ingest = ing.endpoint("endpoint")
     ing.done()
 
-    lg = _Section("log", data.get("log", {}))
+    lg = Section("log", data.get("log", {}))
     level = lg.str("level", "info", choices=_LOG_LEVELS)
     lg.done()
 
+    from .sources.registry import parse_source  # sources validate their own keys
+
+    sources_raw = data.get("sources", [])
+    if not isinstance(sources_raw, list):
+        raise ConfigError("sources: must be an array of tables ([[sources]])")
+    sources = tuple(parse_source(Section(f"sources[{i}]", t), base)
+                    for i, t in enumerate(sources_raw))
+
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
-                  ingest, level)
+                  ingest, level, sources)
 
 
 def load_config(path: str | Path) -> Config:

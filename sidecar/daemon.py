@@ -30,6 +30,7 @@ from .replication.publisher import Publisher
 from .replication.security import CurveConfig, load_public_key
 from .replication.subscriber import Subscriber
 from .sources.ingest import IngestSource
+from .sources.registry import Source, SourceContext, build_source
 from .store import ContactStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.subscribers: list[Subscriber] = []
         self.ingest: IngestSource | None = None
+        self.sources: list[Source] = []
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -88,6 +90,11 @@ class Daemon:
                              tcp_buffer=rep.tcp_buffer)
             await sub.start()
             self.subscribers.append(sub)
+        ctx = SourceContext(self.replica, self.publisher.kick, self.ctx, cfg.node_id)
+        for source_cfg in cfg.sources:
+            source = build_source(source_cfg, ctx)
+            await source.start()
+            self.sources.append(source)
         if cfg.ingest_endpoint:
             self.ingest = IngestSource(self.ctx, self.replica, cfg.ingest_endpoint,
                                        self.publisher.kick)
@@ -139,8 +146,14 @@ class Daemon:
             "replica": _fields(r.stats),
             "store": _fields(r.store.stats),
             "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "samples": len(lag)},
-            "sources": {"ingest": dict(self.ingest.counters)} if self.ingest else {},
+            "sources": self.source_status(),
         }
+
+    def source_status(self) -> dict:
+        out: dict = {s.name: s.status() for s in self.sources}
+        if self.ingest:
+            out["ingest"] = dict(self.ingest.counters)
+        return out
 
     def iter_subscribers(self) -> Iterator[Subscriber]:
         return iter(self.subscribers)
@@ -155,6 +168,8 @@ class Daemon:
             await self.admin.stop()
         if self.ingest:
             await self.ingest.stop()
+        for source in self.sources:
+            await source.stop()
         for s in self.subscribers:
             await s.stop()
         if self.publisher:

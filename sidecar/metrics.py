@@ -78,9 +78,10 @@ class NodeMetrics:
             for reason, n in s.errors.items():
                 errs.add_metric([peer, reason], n)
         yield from (lag, link, fl, errs)
-        if node.ingest is not None:
-            c = CounterMetricFamily("sidecar_source_events", "Source counters",
-                                    labels=["source", "event"])
-            for k, v in node.ingest.counters.items():
-                c.add_metric(["ingest", k], v)
-            yield c
+        c = CounterMetricFamily("sidecar_source_events", "Per-source counters (messages, "
+                                "parse errors, changes, drops)", labels=["source", "event"])
+        for source, counters in node.source_status().items():
+            for k, v in counters.items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    c.add_metric([source, k], v)
+        yield c
