@@ -170,8 +170,8 @@ class ContactStore:
         aor = rec[0]
         instance = rec[13]
         bid = rec[1] if instance is None else f"{instance}{KEY_SEP}{rec[14]}"
+        v = self._aors.get(aor)
         if old is _LOOKUP:
-            v = self._aors.get(aor)
             old = None
             if v is not None:
                 if type(v) is dict:
