@@ -127,18 +127,20 @@ def lost_between(a: NodeProcess, b: NodeProcess, expected: int) -> int:
     return len(ta - tb) + max(0, expected - len(ta))
 
 
-def rss_per_contact(n: int) -> float:
+def rss_per_contact(n: int, gc_on: bool = True) -> tuple[float, float]:
+    """(RSS bytes per contact, contacts/s loaded) for a store of n replicated contacts."""
     q: mp.Queue = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_rss_child, args=(n, q))
+    p = mp.get_context("spawn").Process(target=_rss_child, args=(n, q, gc_on))
     p.start()
     value = q.get(timeout=300)
     p.join(10)
     return value
 
 
-def _rss_child(n: int, q: mp.Queue) -> None:
+def _rss_child(n: int, q: mp.Queue, gc_on: bool) -> None:
     import gc
 
+    from sidecar.daemon import GC_THRESHOLDS
     from sidecar.store import ContactStore
 
     def rss() -> int:
@@ -148,14 +150,19 @@ def _rss_child(n: int, q: mp.Queue) -> None:
     payloads = [msgpack.packb(stamped(contacts(i, min(50_000, n - i))))
                 for i in range(0, n, 50_000)]
     gc.collect()
+    gc.set_threshold(*GC_THRESHOLDS)  # what the daemon runs with
+    if not gc_on:
+        gc.disable()
     before = rss()
     store = ContactStore()
+    t0 = time.process_time()
     for p in payloads:  # decoded exactly like replicated batches
         for r in msgpack.unpackb(p, use_list=False):
             store.put(r)
+    rate = len(store) / (time.process_time() - t0)
     del payloads
     gc.collect()
-    q.put((rss() - before) / len(store))
+    q.put(((rss() - before) / len(store), rate))
 
 
 # ------------------------------------------------------------------ scenarios
@@ -281,7 +288,11 @@ def main(quick: bool, json_path: str | None) -> int:
         results.update(run_snapshot(work, snap_n))
         results.update(run_slow_subscriber(work, 20_000 if quick else 100_000))
         results["rss_contacts"] = n
-        results["rss_bytes_per_contact"] = rss_per_contact(n)
+        results["rss_bytes_per_contact"], with_gc = rss_per_contact(n)
+        _, without_gc = rss_per_contact(n, gc_on=False)
+        results["store_load_per_s_gc_on"] = with_gc
+        results["store_load_per_s_gc_off"] = without_gc
+        results["gc_throughput_ratio"] = with_gc / without_gc
         results["lost_changes"] += (results["lag_lost_changes"]
                                     + results["snapshot_lost_changes"]
                                     + results["slow_subscriber_lost_changes"])
@@ -302,6 +313,8 @@ def main(quick: bool, json_path: str | None) -> int:
         ("bytes_per_contact_on_wire", r["bytes_per_contact_on_wire"], ""),
         ("bytes_per_refresh_on_wire", r["bytes_per_refresh_on_wire"], "<= 24"),
         ("rss_bytes_per_contact", r["rss_bytes_per_contact"], f"<= 700 at 1M ({n:,} here)"),
+        ("gc_throughput_ratio", r["gc_throughput_ratio"],
+         f"store load with GC on / off, {n:,} contacts (> 0.5)"),
         ("wall_s", r["wall_s"], "quick: < 60"),
     ])
     write_json("replication", quick, results, json_path)

@@ -48,6 +48,7 @@ class StoreStats:
     stale: int = 0
     unknown_handle: int = 0
     expired: int = 0
+    expiry_scanned: int = 0  # AOR entries the expiry sweep looked at (proportional to due work)
 
 
 class ContactStore:
@@ -294,7 +295,9 @@ class ContactStore:
         else:
             due = [s for s in range(self._next_sweep, upto + 1) if s in wheel]
         for second in due:
-            for aor in wheel.pop(second):
+            bucket = wheel.pop(second)
+            self.stats.expiry_scanned += len(bucket)
+            for aor in bucket:
                 v = self._aors.get(aor)
                 if v is None:
                     continue

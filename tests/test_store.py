@@ -175,3 +175,15 @@ def test_make_record_validates():
     with pytest.raises(ModelError):
         make_record(aor="a", uri="sip:x", callid="c", cseq=-1, expires=1, handle=1,
                     last_modified=1)
+
+
+def test_expiry_work_is_proportional_to_what_is_due():
+    clock = Clock()
+    s = ContactStore(clock=clock)
+    for i in range(20_000):  # a big table expiring in an hour
+        s.put(rec(aor=f"u{i}", uri=f"sip:u{i}@h", expires=NOW + 3600, n=i + 1))
+    for i in range(10):  # and ten contacts due in a few seconds
+        s.put(rec(aor=f"d{i}", uri=f"sip:d{i}@h", expires=NOW + 5, n=100_000 + i))
+    clock.t = NOW + 10
+    assert len(s.expire()) == 10
+    assert s.stats.expiry_scanned == 10 and len(s) == 20_000
