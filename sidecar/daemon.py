@@ -46,7 +46,9 @@ class Daemon:
         rep = cfg.replication
         self.replica = Replica(cfg.node_id, ContactStore(tombstone_ttl=cfg.tombstone_ttl_s),
                                incarnation=next_incarnation(cfg.state_dir),
-                               max_batch=rep.max_batch, ring_changes=rep.ring_changes)
+                               max_batch=rep.max_batch, ring_changes=rep.ring_changes,
+                               renew_incarnation=lambda m: next_incarnation(cfg.state_dir,
+                                                                            minimum=m))
         self.curve: CurveConfig | None = None
         self.authenticator: AsyncioAuthenticator | None = None
         self.publisher: Publisher | None = None

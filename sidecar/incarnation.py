@@ -21,7 +21,8 @@ class IncarnationError(RuntimeError):
     """The state directory cannot be read or written."""
 
 
-def next_incarnation(state_dir: Path, now: float | None = None) -> int:
+def next_incarnation(state_dir: Path, now: float | None = None, minimum: int = 0) -> int:
+    """Record and return a new incarnation: max(now, last + 1, minimum)."""
     path = state_dir / FILE_NAME
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,7 @@ def next_incarnation(state_dir: Path, now: float | None = None) -> int:
         if path.exists():
             text = path.read_text().strip()
             last = int(text) if text.isdigit() else 0
-        value = max(int(time.time() if now is None else now), last + 1)
+        value = max(int(time.time() if now is None else now), last + 1, minimum)
         if value > MAX_INCARNATION:
             raise IncarnationError(f"{path}: incarnation {value} does not fit in 32 bits")
         tmp = path.with_suffix(".tmp")

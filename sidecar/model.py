@@ -20,6 +20,7 @@ binding by handle (a few bytes) instead of by AOR and URI (tens of bytes).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 # --- record layout (positions in the contact tuple; also the wire layout of a PUT) -------------
@@ -97,18 +98,23 @@ class HandleAllocator:
     counter wraps, so a restarted node cannot reissue a handle a peer still remembers.
     """
 
-    def __init__(self, node_id: int, incarnation: int | None = None) -> None:
+    def __init__(self, node_id: int, incarnation: int | None = None,
+                 renew: Callable[[int], int] | None = None) -> None:
         if not 1 <= node_id <= MAX_NODE_ID:
             raise ModelError(f"node id must be 1..{MAX_NODE_ID}, got {node_id}")
         self.node_id = node_id
         self.incarnation = int(time.time()) if incarnation is None else incarnation
         self._prefix = (node_id << _NODE_SHIFT) | (self.incarnation << _INCARNATION_SHIFT)
         self._counter = 0
+        # Called on counter wrap with the lowest acceptable next incarnation; returns the one to
+        # use after recording it durably, so a restart can never reissue these handles.
+        self._renew = renew
 
     def next(self) -> int:
         self._counter += 1
         if self._counter > _COUNTER_MASK:
-            self.incarnation += 1
+            nxt = self.incarnation + 1
+            self.incarnation = self._renew(nxt) if self._renew is not None else nxt
             self._prefix = (self.node_id << _NODE_SHIFT) | (self.incarnation << _INCARNATION_SHIFT)
             self._counter = 1
         return self._prefix | self._counter

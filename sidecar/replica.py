@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .model import (
@@ -53,9 +54,10 @@ class ReplicaStats:
 class Replica:
     def __init__(self, node_id: int, store: ContactStore | None = None,
                  incarnation: int | None = None, max_batch: int = 2000,
-                 ring_changes: int = 2_000_000) -> None:
+                 ring_changes: int = 2_000_000,
+                 renew_incarnation: Callable[[int], int] | None = None) -> None:
         self.node_id = node_id
-        self.handles = HandleAllocator(node_id, incarnation)
+        self.handles = HandleAllocator(node_id, incarnation, renew_incarnation)
         self.incarnation = self.handles.incarnation
         self.store = store if store is not None else ContactStore()
         self.outbox = Outbox(node_id, self.incarnation, max_batch=max_batch,

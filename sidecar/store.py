@@ -195,9 +195,11 @@ class ContactStore:
                 del self._tombs[(aor, bid)]
         exp = rec[5]
         if exp and exp <= self.clock():
-            # An already expired version still wins the conflict; it just removes the binding.
+            # An already expired version still wins the conflict; it removes the binding and,
+            # like a delete, leaves a tombstone so a delayed older version cannot come back.
             if old is not None:
                 self._unlink(aor, bid, old)
+            self._tomb(aor, bid, rec[7], rec[8], lm, handle)
             self.stats.expired += 1
             return True
         # intern repeated values (socket, user agent, path, methods) through a bounded pool
@@ -244,6 +246,7 @@ class ContactStore:
         bid = rec_bid(old)
         if expires and expires <= self.clock():
             self._unlink(old[AOR], bid, old)
+            self._tomb(old[AOR], bid, old[CALLID], cseq, last_modified, handle)
             self.stats.expired += 1
             return rec
         self._link(old[AOR], bid, rec, old)
@@ -265,11 +268,15 @@ class ContactStore:
                                          tomb[0], tomb[1], tomb[2], tomb[3]):
             self.stats.stale += 1
             return old is not None
+        self._tomb(aor, bid, callid, cseq, last_modified, handle)
+        self.stats.deletes += 1
+        return True
+
+    def _tomb(self, aor: str, bid: str, callid: str, cseq: int, last_modified: int,
+              handle: int) -> None:
         self._tombs.pop((aor, bid), None)  # re-insert at the end: dict order = purge order
         self._tombs[(aor, bid)] = (callid, cseq, last_modified, handle,
                                    self.clock() + self.tombstone_ttl)
-        self.stats.deletes += 1
-        return True
 
     def drop(self, rec: tuple) -> bool:
         """Remove exactly this record if it is still current (pruning, expiry); no tombstone."""

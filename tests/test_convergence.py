@@ -34,8 +34,12 @@ def run_history(ops):
     phones = {p: [f"call-{p}-0", 0] for p in range(4)}
     t = 1_700_000_000_000
     streams: list[list[bytes]] = [[], [], []]
+    last_t = {}
     for node_i, phone, action, variant, step, exp in ops:
-        t += step
+        # Convergence precondition (proto/PROTOCOL.md §11.4): one phone's successive
+        # registrations are stamped strictly later. Different phones may share a millisecond.
+        t = max(t + step, last_t.get(phone, 0) + 1)
+        last_t[phone] = t
         node = nodes[node_i]
         state = phones[phone]
         if action == "reboot":

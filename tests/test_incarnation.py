@@ -26,3 +26,15 @@ def test_unwritable_state_dir_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(IncarnationError, match="cannot keep the node state"):
         next_incarnation(blocker / "sub")
+
+
+def test_handle_counter_wrap_records_the_new_incarnation(tmp_path):
+    from sidecar.model import HandleAllocator, handle_incarnation
+
+    start = next_incarnation(tmp_path, now=1_800_000_000)
+    alloc = HandleAllocator(3, start, lambda m: next_incarnation(tmp_path, minimum=m))
+    alloc._counter = (1 << 24) - 1  # about to wrap
+    h = alloc.next()
+    assert handle_incarnation(h) == start + 1 or handle_incarnation(h) > start
+    # a restart now (even with the clock far behind) gets a newer incarnation still
+    assert next_incarnation(tmp_path, now=1) > handle_incarnation(h)

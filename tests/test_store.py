@@ -187,3 +187,12 @@ def test_expiry_work_is_proportional_to_what_is_due():
     clock.t = NOW + 10
     assert len(s.expire()) == 10
     assert s.stats.expiry_scanned == 10 and len(s) == 20_000
+
+
+def test_expired_winning_version_leaves_a_tombstone():
+    clock = Clock()
+    s = ContactStore(clock=clock)
+    s.put(rec(cseq=1, lm=1000))
+    assert s.put(rec(cseq=2, lm=2000, expires=NOW - 1))  # wins, but is already expired
+    assert len(s) == 0
+    assert not s.put(rec(cseq=1, lm=1000))  # the older version must not come back

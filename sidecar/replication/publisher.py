@@ -141,7 +141,10 @@ class Publisher:
             except wire.WireError as exc:
                 self.stats.bad_requests += 1
                 code = wire.ERR_VERSION if exc.reason == "version" else wire.ERR_MALFORMED
-                await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)))
+                # best effort, never blocks the request loop for long
+                with contextlib.suppress(_PeerGone, zmq.ZMQError):
+                    await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)),
+                                      timeout=0.5)
                 continue
             self.stats.sync_requests += 1
             previous = self._answering.pop(ident, None)

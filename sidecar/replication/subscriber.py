@@ -180,7 +180,7 @@ class Subscriber:
                 log.info("peer %d: catch-up requested from seq %d", self.peer_id, a.from_seq)
 
     def _sent(self, fut: asyncio.Future) -> None:
-        exc = fut.exception()
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if exc is not None:
             # Nobody connected yet: the follower's timeout asks again.
             self.last_error = f"catch-up request not sent: {exc}"

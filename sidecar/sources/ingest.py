@@ -34,8 +34,8 @@ def decode_ingest(payload: bytes) -> tuple:
         obj = msgpack.unpackb(payload, use_list=False, raw=False)
     except (ValueError, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise WireError("malformed", f"msgpack: {exc}") from None
-    if type(obj) is not tuple or len(obj) < 2 or obj[0] != INGEST_VERSION \
-            or type(obj[1]) is not tuple:
+    if (type(obj) is not tuple or len(obj) < 2 or type(obj[0]) is not int
+            or obj[0] != INGEST_VERSION or type(obj[1]) is not tuple):
         raise WireError("malformed", "ingest frame must be [1, [changes...]]")
     return obj[1]
 
