@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
-APT_PACKAGES := kamailio kamailio-extra-modules sip-tester redis-server redis-sentinel \
+APT_PACKAGES := python3-venv kamailio kamailio-extra-modules sip-tester redis-server redis-sentinel \
 	tshark nftables iproute2 tcpdump
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -28,7 +28,7 @@ apt:
 		echo "installing: $$missing"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-			python3-venv $$missing >/dev/null; \
+			$$missing >/dev/null; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
