@@ -476,3 +476,26 @@ def test_parse_register_traffic_feeds_the_tracker() -> None:
     out = one(produced)
     assert out.received == "sip:203.0.113.7:40123"
     assert out.bindings[0].expires_abs == int(T0) + 90
+
+
+def test_received_echoed_by_the_registrar_is_authoritative() -> None:
+    # Contact equals the source address, so comparing addresses would say "not NATed", but
+    # the registrar's 2xx says what it stored (Kamailio/OpenSIPS received_param)
+    tracker = RegistrationTracker()
+    feed(tracker, register())
+    ok = response(200, contacts=(
+        '<sip:1001@192.168.1.20:5062>;expires=3600;received="sip:203.0.113.7:40123"',))
+    out = one(feed(tracker, ok, now=T0 + 0.01))
+    assert out.received == "sip:203.0.113.7:40123"
+
+
+def test_registrar_echoing_received_for_others_only_means_none_for_ours() -> None:
+    # our Contact differs from the source (the address test would say NAT), but the registrar
+    # stored no received for it: only the other device's contact carries one
+    tracker = RegistrationTracker()
+    feed(tracker, register(contacts=("<sip:1001@10.9.9.9:5062>",)))
+    ok = response(200, contacts=(
+        "<sip:1001@10.9.9.9:5062>;expires=3600",
+        '<sip:1001@198.51.100.4:5060>;expires=100;received="sip:198.51.100.4:6000"'))
+    out = one(feed(tracker, ok, now=T0 + 0.01))
+    assert out.received is None

@@ -262,12 +262,17 @@ class RegistrationTracker:
             )
 
         path = request.path or response.path
+        echoed = _echoed_received(listed, own_by_instance, own_by_uri)
+        if echoed is not _NOT_ECHOED:
+            received = echoed  # the registrar said what it stored: that is the truth
+        else:
+            received = None if path else _nat_received(request.contacts, src)
         return RegistrationOutcome(
             aor=request.aor,
             callid=request.call_id,
             cseq=request.cseq,
             time=now,
-            received=None if path else _nat_received(request.contacts, src),
+            received=received,
             socket=format_socket(dst),
             user_agent=request.user_agent,
             path=path,
@@ -331,6 +336,26 @@ def format_socket(addr: Address) -> str:
     """``proto:IP:PORT`` as Kamailio and OpenSIPS name a listening socket."""
     proto, ip, port = addr
     return f"{proto.lower()}:{_bracketed(ip)}:{port}"
+
+
+_NOT_ECHOED = object()
+
+
+def _echoed_received(listed: list[ContactHeader], by_instance, by_uri) -> object:
+    """What the registrar stored as ``received`` for this REGISTER's own contacts, when its 2xx
+    says so: Kamailio and OpenSIPS append ``;received="sip:IP:PORT"`` to each contact they
+    stored with a received address (registrar ``received_param``). When any listed contact
+    carries the parameter the 2xx is authoritative (an own contact without it has none);
+    when none does, returns _NOT_ECHOED and the caller falls back to comparing addresses.
+    """
+    if not any("received" in c.params for c in listed):
+        return _NOT_ECHOED
+    for c in listed:
+        if _own_contact(c, by_instance, by_uri) is not None:
+            value = c.params.get("received")
+            if value:
+                return value.strip('"') or None
+    return None
 
 
 def _nat_received(contacts: list[ContactHeader], src: Address) -> str | None:
