@@ -70,6 +70,7 @@ class Config:
     ingest_endpoint: str | None = None
     log_level: str = "info"
     sources: tuple[Any, ...] = ()  # parsed settings objects, one per [[sources]] table
+    role: Any = None  # sidecar.role.service.RoleSettings when [role] is configured
     source_path: Path | None = field(default=None, compare=False)
 
 
@@ -152,7 +153,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     top = Section("(top level)", data)
     for key in data:
         if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
-                       "log", "sources"):
+                       "log", "sources", "role"):
             raise ConfigError(f"{key}: unknown section")
     node = Section("node", data.get("node", {}))
     top.used.add("node")
@@ -239,9 +240,76 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     sources = tuple(parse_source(Section(f"sources[{i}]", t), base)
                     for i, t in enumerate(sources_raw))
 
+    role = _parse_role(data["role"], len(peers)) if "role" in data else None
+
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
-                  ingest, level, sources)
+                  ingest, level, sources, role)
+
+
+def _parse_role(data: Any, n_peers: int) -> Any:
+    from .role.checkpoints import CheckpointConfigError, build_checkpoint
+    from .role.hooks import HOOK_STAGES
+    from .role.service import RoleSettings
+
+    r = Section("role", data)
+    if n_peers != 1:
+        raise ConfigError(f"role: arbitration needs exactly one [[peers]] entry, found {n_peers}")
+    d = RoleSettings(primary=True)
+    primary = r.bool("primary", False)
+    if "primary" not in r.data:
+        raise ConfigError("role.primary: required key is missing (true on one node, false on "
+                          "the other)")
+    hooks_raw = r._get("hooks", (dict,), {}, False)
+    hooks: dict[str, Any] = {}
+    for stage, cmd in hooks_raw.items():
+        if stage not in HOOK_STAGES:
+            raise ConfigError(f"role.hooks.{stage}: unknown hook stage; use one of "
+                              f"{', '.join(HOOK_STAGES)}")
+        ok = isinstance(cmd, str) or (isinstance(cmd, list) and all(
+            isinstance(c, str | list) for c in cmd))
+        if not ok or not cmd:
+            raise ConfigError(f"role.hooks.{stage}: a command string or a list of commands")
+        hooks[stage] = cmd
+    checkpoints_raw = r._get("checkpoints", (list,), [], False)
+    checkpoints = []
+    for i, spec in enumerate(checkpoints_raw):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"role.checkpoints[{i}]: must be a table")
+        try:
+            cp = build_checkpoint(spec)
+        except (CheckpointConfigError, ValueError, TypeError) as exc:
+            raise ConfigError(f"role.checkpoints[{i}]: {exc}") from None
+        if cp.name == "heartbeat":
+            raise ConfigError(f"role.checkpoints[{i}].name: 'heartbeat' is built in")
+        checkpoints.append(dict(spec))
+    settings = RoleSettings(
+        primary=primary,
+        wait_s=r.num("wait_s", d.wait_s, lo=0.1, hi=3600),
+        startup_wait_s=r.num("startup_wait_s", d.startup_wait_s, lo=0, hi=3600),
+        peer_timeout_s=r.num("peer_timeout_s", d.peer_timeout_s, lo=0.1, hi=3600),
+        heartbeat_max_age_s=r.num("heartbeat_max_age_s", d.heartbeat_max_age_s, lo=0.05,
+                                  hi=3600),
+        backoff_initial_s=r.num("backoff_initial_s", d.backoff_initial_s, lo=0, hi=86400),
+        backoff_factor=r.num("backoff_factor", d.backoff_factor, lo=1, hi=100),
+        backoff_max_s=r.num("backoff_max_s", d.backoff_max_s, lo=0, hi=86400),
+        checkpoints=tuple(checkpoints),
+        hooks=hooks,
+        hook_timeout_s=r.num("hook_timeout_s", d.hook_timeout_s, lo=0.1, hi=3600),
+        vip=r.str("vip"),
+        vip_interface=r.str("vip_interface"),
+    )
+    if (settings.vip is None) != (settings.vip_interface is None):
+        raise ConfigError("role.vip: vip and vip_interface go together")
+    if settings.vip is not None:
+        from .role.vip import VipConfigError, parse_vip
+
+        try:
+            parse_vip(settings.vip)
+        except (VipConfigError, ValueError) as exc:
+            raise ConfigError(f"role.vip: {exc}") from None
+    r.done()
+    return settings
 
 
 def load_config(path: str | Path) -> Config:

@@ -29,6 +29,7 @@ from .replica import Replica
 from .replication.publisher import Publisher
 from .replication.security import CurveConfig, load_public_key
 from .replication.subscriber import Subscriber
+from .role.service import RoleService
 from .sources.ingest import IngestSource
 from .sources.registry import Source, SourceContext, build_source
 from .store import ContactStore
@@ -55,6 +56,7 @@ class Daemon:
         self.subscribers: list[Subscriber] = []
         self.ingest: IngestSource | None = None
         self.sources: list[Source] = []
+        self.role_service: RoleService | None = None
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -62,8 +64,8 @@ class Daemon:
         self._stopping = asyncio.Event()
 
     def role(self) -> str:
-        """Replication-only nodes are all 'active' publishers; the arbiter refines this."""
-        return "active"
+        """Without [role], every node is an 'active' publisher (replication only)."""
+        return self.role_service.role if self.role_service else "active"
 
     async def start(self) -> None:
         cfg, rep = self.cfg, self.cfg.replication
@@ -82,6 +84,18 @@ class Daemon:
             self.ctx, self.replica, rep.pub, rep.sync, heartbeat_s=rep.heartbeat_ms / 1000,
             sndhwm=rep.sndhwm, snapshot_chunk=rep.snapshot_chunk, curve=self.curve,
             tcp_buffer=rep.tcp_buffer, role=self.role)
+        on_heartbeat = None
+        if cfg.role is not None:
+            # created before the first heartbeat leaves, so that it already says "starting"
+            publisher = self.publisher
+            self.role_service = service = RoleService(
+                cfg.role, node_id=cfg.node_id, peer_id=cfg.peers[0].id,
+                state_dir=cfg.state_dir, set_epoch=publisher.set_epoch,
+                announce=publisher.heartbeat)
+
+            def on_heartbeat(hb) -> None:
+                service.on_peer_heartbeat(hb.node_id, hb.epoch, hb.role)
+
         await self.publisher.start()
         for peer in cfg.peers:
             key = load_public_key(peer.public_key) if self.curve and peer.public_key else None
@@ -89,7 +103,7 @@ class Daemon:
                              rcvhwm=rep.rcvhwm, sync_timeout=rep.sync_timeout_s,
                              curve=self.curve, peer_public_key=key,
                              apply_delay_s=rep.apply_delay_ms / 1000,
-                             tcp_buffer=rep.tcp_buffer)
+                             tcp_buffer=rep.tcp_buffer, on_heartbeat=on_heartbeat)
             await sub.start()
             self.subscribers.append(sub)
         ctx = SourceContext(self.replica, self.publisher.kick, self.ctx, cfg.node_id)
@@ -101,6 +115,8 @@ class Daemon:
             self.ingest = IngestSource(self.ctx, self.replica, cfg.ingest_endpoint,
                                        self.publisher.kick)
             await self.ingest.start()
+        if self.role_service is not None:
+            await self.role_service.start()
         register_node_commands(self.registry, self)
         self.admin = AdminServer(self.registry, cfg.admin.host, cfg.admin.port,
                                  token=cfg.admin.token, metrics=self.metrics.render,
@@ -136,6 +152,7 @@ class Daemon:
             "name": self.cfg.node_name,
             "role": self.role(),
             "epoch": ob.epoch,
+            "role_detail": self.role_service.status() if self.role_service else None,
             "incarnation": r.incarnation,
             "uptime_s": round(time.time() - self.started, 3),
             "contacts": len(r.store),
@@ -168,6 +185,8 @@ class Daemon:
                 await t
         if self.admin:
             await self.admin.stop()
+        if self.role_service:
+            await self.role_service.stop()
         if self.ingest:
             await self.ingest.stop()
         for source in self.sources:

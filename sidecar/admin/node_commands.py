@@ -55,6 +55,34 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
     def sc_status() -> dict:
         return node.status()
 
+    def _role():
+        if node.role_service is None:
+            raise JsonRpcError(NOT_FOUND, "role arbitration is not configured ([role])")
+        return node.role_service
+
+    @reg.command("sc_role", help="This node's role, epoch, peer state, checkpoints, backoff.")
+    def sc_role() -> dict:
+        return _role().status()
+
+    @reg.command("sc_promote", params=[
+        Param("force", bool, required=False, default=False,
+              help="promote even while a live peer is active"),
+    ], help="Make this node active (refused while the peer is live and active unless forced).")
+    async def sc_promote(force: bool = False) -> dict:
+        return await _role().command("promote", force=force)
+
+    @reg.command("sc_demote", help="Make this node passive; the peer takes over.")
+    async def sc_demote() -> dict:
+        return await _role().command("demote")
+
+    @reg.command("sc_failover", params=[
+        Param("check_only", bool, required=False, default=False,
+              help="report whether a failover would succeed and why, change nothing"),
+        Param("target", int, required=False, help="node id that should end up active"),
+    ], help="Move the active role (to the peer unless target says otherwise).")
+    async def sc_failover(check_only: bool = False, target: int | None = None) -> dict:
+        return await _role().command("failover", check_only=check_only, target=target)
+
     @reg.command(
         "sc_counters",
         help="Contact count and replication counters only (cheap enough to poll often).",

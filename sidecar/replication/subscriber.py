@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -30,7 +31,8 @@ class Subscriber:
                  pub_endpoint: str, sync_endpoint: str, *, rcvhwm: int = 10_000,
                  sync_timeout: float = 5.0, tick_s: float = 0.25,
                  curve: CurveConfig | None = None, peer_public_key: bytes | None = None,
-                 apply_delay_s: float = 0.0, tcp_buffer: int = 0) -> None:
+                 apply_delay_s: float = 0.0, tcp_buffer: int = 0,
+                 on_heartbeat: Callable[[wire.Heartbeat], None] | None = None) -> None:
         self.replica = replica
         self.peer_id = peer_id
         self.pub_endpoint = pub_endpoint
@@ -38,6 +40,7 @@ class Subscriber:
         self.follower = Follower(peer_id, sync_timeout=sync_timeout)
         self.tick_s = tick_s
         self.apply_delay_s = apply_delay_s  # test knob: a deliberately slow subscriber
+        self.on_heartbeat = on_heartbeat  # the role arbiter listens to the peer's heartbeats
         self.errors: Counter[str] = Counter()
         self.sub = ctx.socket(zmq.SUB)
         self.dealer = ctx.socket(zmq.DEALER)
@@ -139,7 +142,10 @@ class Subscriber:
                 hdr, changes = wire.decode_batch(payload)
                 self._run(self.follower.on_batch(hdr, changes, now))
             elif kind == wire.HEARTBEAT:
-                self._run(self.follower.on_heartbeat(wire.decode_heartbeat(payload), now))
+                hb = wire.decode_heartbeat(payload)
+                self._run(self.follower.on_heartbeat(hb, now))
+                if self.on_heartbeat is not None and hb.node_id == self.peer_id:
+                    self.on_heartbeat(hb)
             else:
                 raise wire.WireError("malformed", f"unknown kind {kind[:16]!r}")
         except wire.WireError as exc:
