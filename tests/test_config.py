@@ -76,3 +76,31 @@ def test_token_file_is_read(tmp_path):
     tok.write_text("s3cret\n")
     cfg = parse_config({"node": {"id": 1}, "admin": {"token_file": "tok"}}, tmp_path)
     assert cfg.admin.token == "s3cret"
+
+
+@pytest.mark.parametrize("role,why", [
+    ({}, "role.primary: required"),
+    ({"primary": True, "wait_s": 0}, "role.wait_s"),
+    ({"primary": True, "hooks": {"before": "x"}}, "role.hooks.before: unknown hook stage"),
+    ({"primary": True, "hooks": {"on_demote": 5}}, "role.hooks.on_demote"),
+    ({"primary": True, "checkpoints": [{"type": "telepathy"}]}, "role.checkpoints[0]"),
+    ({"primary": True, "checkpoints": [{"type": "tcp", "host": "h"}]}, "role.checkpoints[0]"),
+    ({"primary": True, "vip": "10.0.0.1/24"}, "go together"),
+    ({"primary": True, "vip": "not-an-ip", "vip_interface": "eth0"}, "role.vip"),
+    ({"primary": True, "colour": 1}, "role.colour: unknown key"),
+])
+def test_role_errors_name_the_key(role, why, tmp_path):
+    data = {"node": {"id": 1}, "role": role,
+            "peers": [{"id": 2, "pub": "tcp://127.0.0.1:1", "sync": "tcp://127.0.0.1:2"}]}
+    with pytest.raises(ConfigError, match=why.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(data, tmp_path)
+
+
+def test_role_needs_exactly_one_peer(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one"):
+        parse_config({"node": {"id": 1}, "role": {"primary": True}}, tmp_path)
+
+
+def test_example_role_section_parses():
+    cfg = load_config(EXAMPLE)
+    assert cfg.role.primary is True and cfg.role.wait_s == 3
