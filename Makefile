@@ -40,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check sidecar tests benchmarks proto
+	$(VENV)/bin/ruff check sidecar tests benchmarks proto compose
 
 bench: bootstrap
 	$(PY) -m benchmarks replication --quick
