@@ -71,6 +71,8 @@ class Config:
     log_level: str = "info"
     sources: tuple[Any, ...] = ()  # parsed settings objects, one per [[sources]] table
     role: Any = None  # sidecar.role.service.RoleSettings when [role] is configured
+    proxy: Any = None  # sidecar.ownership.ProxySettings when [proxy] is configured
+    keepalive: Any = None  # sidecar.ownership.KeepaliveSettings when [keepalive] is configured
     source_path: Path | None = field(default=None, compare=False)
 
 
@@ -153,7 +155,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     top = Section("(top level)", data)
     for key in data:
         if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
-                       "log", "sources", "role"):
+                       "log", "sources", "role", "proxy", "keepalive"):
             raise ConfigError(f"{key}: unknown section")
     node = Section("node", data.get("node", {}))
     top.used.add("node")
@@ -241,10 +243,12 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
                     for i, t in enumerate(sources_raw))
 
     role = _parse_role(data["role"], len(peers)) if "role" in data else None
+    proxy = _parse_proxy(data["proxy"]) if "proxy" in data else None
+    keepalive = _parse_keepalive(data["keepalive"], proxy) if "keepalive" in data else None
 
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
-                  ingest, level, sources, role)
+                  ingest, level, sources, role, proxy, keepalive)
 
 
 def _parse_role(data: Any, n_peers: int) -> Any:
@@ -309,6 +313,58 @@ def _parse_role(data: Any, n_peers: int) -> Any:
         except (VipConfigError, ValueError) as exc:
             raise ConfigError(f"role.vip: {exc}") from None
     r.done()
+    return settings
+
+
+def _hostport(section: Section, key: str) -> tuple[str, int] | None:
+    text = section.str(key)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{section.name}.{key}: {text!r} is not IP:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _parse_proxy(data: Any) -> Any:
+    from .ownership import ProxySettings
+
+    p = Section("proxy", data)
+    kind = p.str("type", required=True, choices=("kamailio", "opensips"))
+    url, fifo = p.str("rpc_url"), p.str("fifo")
+    if (url is None) == (fifo is None):
+        raise ConfigError("proxy.rpc_url: give exactly one of rpc_url (HTTP) or fifo")
+    d = ProxySettings(type=kind)
+    settings = ProxySettings(
+        type=kind, rpc_url=url, fifo=fifo, table=p.str("table", d.table),
+        load=p.str("load", d.load, choices=("off", "warm", "on_promotion")),
+        load_interval_s=p.num("load_interval_s", d.load_interval_s, lo=0.1, hi=3600),
+        load_rate=p.num("load_rate", d.load_rate, lo=0, hi=1e6),
+        timeout_s=p.num("timeout_s", d.timeout_s, lo=0.1, hi=600))
+    p.done()
+    return settings
+
+
+def _parse_keepalive(data: Any, proxy: Any) -> Any:
+    from .ownership import KeepaliveSettings
+
+    k = Section("keepalive", data)
+    d = KeepaliveSettings()
+    mode = k.str("mode", d.mode, choices=("proxy", "sidecar", "off"))
+    if mode in ("proxy", "sidecar") and proxy is None:
+        raise ConfigError(f"keepalive.mode: {mode!r} needs a [proxy] table (the proxy's pinger "
+                          "is switched through its management interface)")
+    settings = KeepaliveSettings(
+        mode=mode,
+        reassert_s=k.num("reassert_s", d.reassert_s, lo=0.5, hi=3600),
+        interval_s=k.num("interval_s", d.interval_s, lo=0.5, hi=3600),
+        kind=k.str("kind", d.kind, choices=("options", "crlf", "null")),
+        source=_hostport(k, "source"),
+        reply_via=_hostport(k, "reply_via"),
+        max_lost=k.int("max_lost", d.max_lost, lo=1, hi=1000),
+        sweep_rate=k.num("sweep_rate", d.sweep_rate, lo=1, hi=1e7),
+        from_uri=k.str("from_uri", d.from_uri))
+    k.done()
     return settings
 
 

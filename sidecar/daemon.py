@@ -25,6 +25,7 @@ from .admin.server import AdminServer
 from .config import Config
 from .incarnation import next_incarnation
 from .metrics import NodeMetrics
+from .ownership import Ownership
 from .replica import Replica
 from .replication.publisher import Publisher
 from .replication.security import CurveConfig, load_public_key
@@ -57,6 +58,7 @@ class Daemon:
         self.ingest: IngestSource | None = None
         self.sources: list[Source] = []
         self.role_service: RoleService | None = None
+        self.ownership: Ownership | None = None
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -115,6 +117,14 @@ class Daemon:
             self.ingest = IngestSource(self.ctx, self.replica, cfg.ingest_endpoint,
                                        self.publisher.kick)
             await self.ingest.start()
+        if cfg.proxy is not None or cfg.keepalive is not None:
+            self.ownership = Ownership(self.replica, self.publisher.kick, cfg.proxy,
+                                       cfg.keepalive)
+            if self.role_service is not None:
+                self.role_service.switches.append(self.ownership.switch)
+            else:
+                self.ownership.active = True  # a lone node owns its phones
+            await self.ownership.start()
         if self.role_service is not None:
             await self.role_service.start()
         register_node_commands(self.registry, self)
@@ -153,6 +163,7 @@ class Daemon:
             "role": self.role(),
             "epoch": ob.epoch,
             "role_detail": self.role_service.status() if self.role_service else None,
+            "ownership": self.ownership.status() if self.ownership else None,
             "incarnation": r.incarnation,
             "uptime_s": round(time.time() - self.started, 3),
             "contacts": len(r.store),
@@ -187,6 +198,8 @@ class Daemon:
             await self.admin.stop()
         if self.role_service:
             await self.role_service.stop()
+        if self.ownership:
+            await self.ownership.stop()
         if self.ingest:
             await self.ingest.stop()
         for source in self.sources:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from ..model import EXPIRES, to_dict
-from .commands import NOT_FOUND, CommandRegistry, JsonRpcError, Param, invalid_params
+from .commands import (
+    COMMAND_FAILED,
+    NOT_FOUND,
+    CommandRegistry,
+    JsonRpcError,
+    Param,
+    invalid_params,
+)
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -82,6 +89,30 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
     ], help="Move the active role (to the peer unless target says otherwise).")
     async def sc_failover(check_only: bool = False, target: int | None = None) -> dict:
         return await _role().command("failover", check_only=check_only, target=target)
+
+    def _ownership():
+        if node.ownership is None:
+            raise JsonRpcError(NOT_FOUND, "keepalive ownership is not configured ([keepalive])")
+        return node.ownership
+
+    @reg.command("sc_ping_stats", help="NAT keepalive owner: mode, proxy pinger state, sidecar "
+                                       "ping counters (sent, replies, lost, dropped, sweep).")
+    def sc_ping_stats() -> dict:
+        return _ownership().status()
+
+    @reg.command("sc_ping_enable", params=[
+        Param("enable", bool, help="1 to ping from this node, 0 to stop"),
+        Param("force", bool, required=False, default=False,
+              help="allow pinging on a passive node (risks double pinging)"),
+    ], help="Switch this node's NAT pinging by hand (the role normally decides).")
+    async def sc_ping_enable(enable: bool, force: bool = False) -> dict:
+        own = _ownership()
+        if enable and not force and node.role_service is not None \
+                and not node.role_service.active:
+            raise JsonRpcError(COMMAND_FAILED, "this node is passive: enabling its pinging "
+                               "would make two nodes ping (use force=1 to override)")
+        await own.switch(enable)
+        return own.status()
 
     @reg.command(
         "sc_counters",
