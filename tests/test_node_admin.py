@@ -28,7 +28,8 @@ def nodes(tmp_path_factory):
 def test_which_lists_the_commands(nodes):
     a, _ = nodes
     names = a.mi("which")
-    for cmd in ("sc_status", "ul_dump", "ul_show_contact", "sc_resync", "sc_digest"):
+    for cmd in ("sc_status", "ul_dump", "ul_show_contact", "sc_resync", "sc_digest",
+                "sc_peers"):
         assert cmd in names
 
 
@@ -41,6 +42,12 @@ def test_sc_status_fields(nodes):
     [peer] = st["peers"]
     assert peer["peer"] == 1 and peer["state"] == "live"
     assert peer["last_seq_applied"] == a.mi("sc_status")["last_seq_sent"] == 2500
+
+
+def test_sc_peers_lists_the_link(nodes):
+    _, b = nodes
+    [peer] = b.mi("sc_peers")
+    assert peer["peer"] == 1 and peer["state"] == "live" and peer["lag_changes"] == 0
 
 
 def test_ul_dump_pages_through_everything(nodes):

@@ -114,6 +114,11 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
         await own.switch(enable)
         return own.status()
 
+    @reg.command("sc_peers", help="Every configured peer: endpoint, link state, incarnation, "
+                                  "epoch, last sequence applied, lag, catch-up counters.")
+    def sc_peers() -> list:
+        return [s.status() for s in node.iter_subscribers()]
+
     @reg.command(
         "sc_counters",
         help="Contact count and replication counters only (cheap enough to poll often).",
