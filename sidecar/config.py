@@ -73,6 +73,7 @@ class Config:
     role: Any = None  # sidecar.role.service.RoleSettings when [role] is configured
     proxy: Any = None  # sidecar.ownership.ProxySettings when [proxy] is configured
     keepalive: Any = None  # sidecar.ownership.KeepaliveSettings when [keepalive] is configured
+    durability: Any = None  # DurabilitySettings when [durability] is configured
     source_path: Path | None = field(default=None, compare=False)
 
 
@@ -155,7 +156,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     top = Section("(top level)", data)
     for key in data:
         if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
-                       "log", "sources", "role", "proxy", "keepalive"):
+                       "log", "sources", "role", "proxy", "keepalive", "durability"):
             raise ConfigError(f"{key}: unknown section")
     node = Section("node", data.get("node", {}))
     top.used.add("node")
@@ -245,10 +246,11 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     role = _parse_role(data["role"], len(peers)) if "role" in data else None
     proxy = _parse_proxy(data["proxy"]) if "proxy" in data else None
     keepalive = _parse_keepalive(data["keepalive"], proxy) if "keepalive" in data else None
+    durability = _parse_durability(data["durability"]) if "durability" in data else None
 
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
-                  ingest, level, sources, role, proxy, keepalive)
+                  ingest, level, sources, role, proxy, keepalive, durability)
 
 
 def _parse_role(data: Any, n_peers: int) -> Any:
@@ -313,6 +315,31 @@ def _parse_role(data: Any, n_peers: int) -> Any:
         except (VipConfigError, ValueError) as exc:
             raise ConfigError(f"role.vip: {exc}") from None
     r.done()
+    return settings
+
+
+@dataclass(frozen=True, slots=True)
+class DurabilitySettings:
+    """``[durability]``: local snapshot files + change log under ``node.state_dir``."""
+
+    enabled: bool = True
+    fsync: str = "interval"  # always | interval | never
+    fsync_interval_s: float = 0.1
+    snapshot_interval_s: float = 300.0
+    retention: int = 3
+
+
+def _parse_durability(data: Any) -> DurabilitySettings:
+    d = Section("durability", data)
+    base = DurabilitySettings()
+    settings = DurabilitySettings(
+        enabled=d.bool("enabled", True),
+        fsync=d.str("fsync", base.fsync, choices=("always", "interval", "never")),
+        fsync_interval_s=d.num("fsync_interval_s", base.fsync_interval_s, lo=0.001, hi=60),
+        snapshot_interval_s=d.num("snapshot_interval_s", base.snapshot_interval_s, lo=1,
+                                  hi=86400),
+        retention=d.int("retention", base.retention, lo=1, hi=1000))
+    d.done()
     return settings
 
 

@@ -26,6 +26,7 @@ from .config import Config
 from .incarnation import next_incarnation
 from .metrics import NodeMetrics
 from .ownership import Ownership
+from .persist import Durability
 from .replica import Replica
 from .replication.publisher import Publisher
 from .replication.security import CurveConfig, load_public_key
@@ -59,6 +60,8 @@ class Daemon:
         self.sources: list[Source] = []
         self.role_service: RoleService | None = None
         self.ownership: Ownership | None = None
+        self.durability: Durability | None = None
+        self.restore_report: dict | None = None
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -71,6 +74,22 @@ class Daemon:
 
     async def start(self) -> None:
         cfg, rep = self.cfg, self.cfg.replication
+        dur = cfg.durability
+        if dur is not None and dur.enabled:
+            # Cold start: snapshot + change log back into the store before anything else
+            # (restored contacts are neither logged again nor published: they are history).
+            self.durability = Durability(
+                cfg.state_dir / "data", node_id=cfg.node_id, fsync=dur.fsync,
+                fsync_interval_s=dur.fsync_interval_s,
+                snapshot_interval_s=dur.snapshot_interval_s, retention=dur.retention)
+            report = self.durability.restore(self.replica.store)
+            self.restore_report = report.as_dict()
+            log.info("restored %d contacts (%d from snapshot, %d log records, %d expired "
+                     "dropped)%s", report.contacts, report.snapshot_records, report.log_records,
+                     report.expired_dropped,
+                     "" if report.clean else f"; damage: {self.restore_report['damage']}")
+            self.replica.journal = self.durability
+            await self.durability.start(self.replica.store)
         # Contact tuples are GC-untracked, but building a million of them triggers many
         # young-generation collections; a larger threshold keeps bulk loads at full speed.
         gc.set_threshold(*GC_THRESHOLDS)
@@ -164,6 +183,11 @@ class Daemon:
             "epoch": ob.epoch,
             "role_detail": self.role_service.status() if self.role_service else None,
             "ownership": self.ownership.status() if self.ownership else None,
+            "durability": None if self.durability is None else {
+                "degraded": bool(self.durability.stats.last_error),
+                **{k: getattr(self.durability.stats, k)
+                   for k in self.durability.stats.__dataclass_fields__},
+                "restore": self.restore_report},
             "incarnation": r.incarnation,
             "uptime_s": round(time.time() - self.started, 3),
             "contacts": len(r.store),
@@ -208,6 +232,8 @@ class Daemon:
             await s.stop()
         if self.publisher:
             await self.publisher.stop()
+        if self.durability:
+            await self.durability.stop()
         if self.authenticator:
             self.authenticator.stop()
         self.ctx.term()

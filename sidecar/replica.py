@@ -12,6 +12,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .model import (
     AOR,
@@ -66,6 +67,8 @@ class Replica:
         self.stats = ReplicaStats()
         self.lag_ms: deque[int] = deque(maxlen=20_000)  # replication lag samples, per batch
         self.needs_snapshot_from: set[int] = set()  # peers whose refreshes we could not place
+        # Durable log of every change that won (sidecar.persist.Durability), or None.
+        self.journal: Any = None
 
     # ------------------------------------------------------------ local changes
     def local_put(self, rec: tuple) -> str:
@@ -87,14 +90,19 @@ class Replica:
                     return "stale"
                 ob = self.outbox
                 ob.pending.append((handle, rec[EXPIRES], rec[CSEQ], lm - ob.time_base()))
+                if self.journal is not None:
+                    self.journal.record_put(new)
                 self.stats.local_refreshes += 1
                 return "refresh"
         else:
             handle = self.handles.next()
+        store.last_put = None
         if not store.put(rec, old, lm, handle):
             self.stats.local_stale += 1
             return "stale"
         stored = store.last_put
+        if self.journal is not None and stored is not None:
+            self.journal.record_put(stored)
         self.outbox.pending.append(stored if stored is not None and stored[HANDLE] == handle
                                    and stored[LAST_MODIFIED] == lm else (*rec[:16], lm, handle))
         self.stats.local_puts += 1
@@ -108,6 +116,8 @@ class Replica:
             self.stats.local_stale += 1
             return False
         self.outbox.pending.append((aor, bid, callid, cseq, lm, self.origin_marker))
+        if self.journal is not None:
+            self.journal.record_delete(aor, bid, callid, cseq, lm, self.origin_marker)
         self.stats.local_deletes += 1
         return True
 
@@ -120,6 +130,7 @@ class Replica:
         unknown_before = store.stats.unknown_handle
         base = hdr.base_ms
         applied = 0
+        journal = self.journal
         for c in changes:
             try:
                 n = check_change(c)
@@ -127,11 +138,21 @@ class Replica:
                 self._bad(exc)
                 continue
             if n == RECORD_LEN:
-                applied += put(c)
+                store.last_put = None
+                if put(c):
+                    applied += 1
+                    if journal is not None and store.last_put is not None:
+                        journal.record_put(store.last_put)
             elif n == REFRESH_LEN:
-                applied += refresh(c[0], c[1], c[2], base + c[3]) is not None
-            else:
-                applied += delete(*c)
+                rec = refresh(c[0], c[1], c[2], base + c[3])
+                if rec is not None:
+                    applied += 1
+                    if journal is not None:
+                        journal.record_put(rec)
+            elif delete(*c):
+                applied += 1
+                if journal is not None:
+                    journal.record_delete(*c)
         self.stats.remote_changes += len(changes)
         self.stats.remote_applied += applied
         if store.stats.unknown_handle != unknown_before:
@@ -151,6 +172,8 @@ class Replica:
     def apply_snapshot(self, records: tuple, seen: set[int] | None) -> int:
         put = self.store.put
         applied = 0
+        store = self.store
+        journal = self.journal
         for r in records:
             try:
                 if check_change(r) != RECORD_LEN:
@@ -158,7 +181,14 @@ class Replica:
             except WireError as exc:
                 self._bad(exc)
                 continue
-            applied += put(r)
+            if journal is None:
+                applied += put(r)
+            else:
+                store.last_put = None
+                if put(r):
+                    applied += 1
+                    if store.last_put is not None:
+                        journal.record_put(store.last_put)
             if seen is not None:
                 seen.add(r[HANDLE])
         return applied

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -113,6 +114,39 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
                                "would make two nodes ping (use force=1 to override)")
         await own.switch(enable)
         return own.status()
+
+    def _durability():
+        if node.durability is None:
+            raise JsonRpcError(NOT_FOUND, "durability is not configured ([durability])")
+        return node.durability
+
+    @reg.command("sc_snapshot", params=[
+        Param("path", str, required=False, help="export to this file instead of the state "
+                                                "directory (no log rotation)"),
+    ], help="Write a full snapshot of the table now (like dbbackup).")
+    async def sc_snapshot(path: str | None = None) -> dict:
+        from ..persist import PersistError
+
+        try:
+            info = await _durability().snapshot_async(store, Path(path) if path else None)
+        except PersistError as exc:
+            raise JsonRpcError(COMMAND_FAILED, f"snapshot failed: {exc}") from None
+        return {"path": str(info.path), "records": info.records, "bytes": info.bytes,
+                "seconds": round(info.seconds, 3)}
+
+    @reg.command("sc_restore", params=[
+        Param("path", str, required=False, help="a snapshot file (default: the newest local "
+                                                "snapshot plus the change log)"),
+    ], help="Load a snapshot into the table (like dbrestore); contacts merge by the conflict "
+            "rule and expired ones are dropped.")
+    def sc_restore(path: str | None = None) -> dict:
+        from ..persist import PersistError
+
+        try:
+            report = _durability().restore(store, Path(path) if path else None)
+        except PersistError as exc:
+            raise JsonRpcError(COMMAND_FAILED, f"restore refused: {exc}") from None
+        return report.as_dict()
 
     @reg.command("sc_peers", help="Every configured peer: endpoint, link state, incarnation, "
                                   "epoch, last sequence applied, lag, catch-up counters.")
