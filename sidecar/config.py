@@ -74,6 +74,7 @@ class Config:
     proxy: Any = None  # sidecar.ownership.ProxySettings when [proxy] is configured
     keepalive: Any = None  # sidecar.ownership.KeepaliveSettings when [keepalive] is configured
     durability: Any = None  # DurabilitySettings when [durability] is configured
+    redis: Any = None  # RedisConfig when [redis] is configured
     source_path: Path | None = field(default=None, compare=False)
 
 
@@ -156,7 +157,8 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     top = Section("(top level)", data)
     for key in data:
         if key not in ("node", "replication", "peers", "curve", "admin", "store", "ingest",
-                       "log", "sources", "role", "proxy", "keepalive", "durability"):
+                       "log", "sources", "role", "proxy", "keepalive", "durability",
+                       "redis"):
             raise ConfigError(f"{key}: unknown section")
     node = Section("node", data.get("node", {}))
     top.used.add("node")
@@ -247,10 +249,11 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     proxy = _parse_proxy(data["proxy"]) if "proxy" in data else None
     keepalive = _parse_keepalive(data["keepalive"], proxy) if "keepalive" in data else None
     durability = _parse_durability(data["durability"]) if "durability" in data else None
+    redis_cfg = _parse_redis(data["redis"]) if "redis" in data else None
 
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
-                  ingest, level, sources, role, proxy, keepalive, durability)
+                  ingest, level, sources, role, proxy, keepalive, durability, redis_cfg)
 
 
 def _parse_role(data: Any, n_peers: int) -> Any:
@@ -341,6 +344,43 @@ def _parse_durability(data: Any) -> DurabilitySettings:
         retention=d.int("retention", base.retention, lo=1, hi=1000))
     d.done()
     return settings
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """``[redis]``: the shared backend (change stream + snapshots), optionally via Sentinel."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = "mymaster"
+    cluster: str = "usrloc"
+    stream_maxlen: int = 1_000_000
+    snapshot_interval_s: float = 300.0
+    restore_at_start: bool = True
+
+
+def _parse_redis(data: Any) -> RedisConfig:
+    r = Section("redis", data)
+    d = RedisConfig()
+    url = r.str("url", d.url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"redis.url: {url!r} is not a redis:// URL")
+    sentinels_raw = r._get("sentinels", (list,), [], False)
+    sentinels = []
+    for i, item in enumerate(sentinels_raw):
+        host, sep, port = str(item).rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"redis.sentinels[{i}]: {item!r} is not HOST:PORT")
+        sentinels.append((host, int(port)))
+    cfg = RedisConfig(url=url, sentinels=tuple(sentinels),
+                      master_name=r.str("master_name", d.master_name),
+                      cluster=r.str("cluster", d.cluster),
+                      stream_maxlen=r.int("stream_maxlen", d.stream_maxlen, lo=1000, hi=10**9),
+                      snapshot_interval_s=r.num("snapshot_interval_s", d.snapshot_interval_s,
+                                                lo=1, hi=86400),
+                      restore_at_start=r.bool("restore_at_start", True))
+    r.done()
+    return cfg
 
 
 def _hostport(section: Section, key: str) -> tuple[str, int] | None:

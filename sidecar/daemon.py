@@ -62,6 +62,7 @@ class Daemon:
         self.ownership: Ownership | None = None
         self.durability: Durability | None = None
         self.restore_report: dict | None = None
+        self.redis = None
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -90,6 +91,8 @@ class Daemon:
                      "" if report.clean else f"; damage: {self.restore_report['damage']}")
             self.replica.journal = self.durability
             await self.durability.start(self.replica.store)
+        if cfg.redis is not None:
+            await self._start_redis(cfg.redis)
         # Contact tuples are GC-untracked, but building a million of them triggers many
         # young-generation collections; a larger threshold keeps bulk loads at full speed.
         gc.set_threshold(*GC_THRESHOLDS)
@@ -157,6 +160,29 @@ class Daemon:
                  self.publisher.sync_endpoint, self.admin.url, self.replica.incarnation,
                  len(self.subscribers))
 
+    async def _start_redis(self, rc) -> None:
+        """Shared backend: every winning change also goes to the Redis stream; at start the
+        Redis snapshot + stream are merged in (after the local files, by the conflict rule)."""
+        from .persist.journal import JournalFanout, RedisJournal
+        from .persist.redis_backend import RedisBackend, RedisSettings
+
+        settings = RedisSettings(url=rc.url, sentinels=rc.sentinels, master_name=rc.master_name)
+        self.redis = RedisBackend(settings, rc.cluster, self.cfg.node_id,
+                                  stream_maxlen=rc.stream_maxlen)
+        if rc.restore_at_start:
+            report = await self.redis.restore(self.replica.store)
+            log.info("Redis restore: %s", report.as_dict())
+        journals = [j for j in (self.replica.journal, RedisJournal(self.redis)) if j is not None]
+        self.replica.journal = JournalFanout(journals) if len(journals) > 1 else journals[0]
+        await self.redis.start(self.replica.store.records)
+        self._tasks.append(asyncio.create_task(self._redis_snapshots(rc.snapshot_interval_s),
+                                               name="redis-snapshots"))
+
+    async def _redis_snapshots(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.redis.write_snapshot(self.replica.store.records())
+
     async def _expiry_loop(self) -> None:
         interval = self.cfg.expiry_interval_ms / 1000
         while True:
@@ -201,6 +227,7 @@ class Daemon:
             "store": _fields(r.store.stats),
             "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "samples": len(lag)},
             "sources": self.source_status(),
+            "redis": self.redis.status() if self.redis is not None else None,
         }
 
     def source_status(self) -> dict:
@@ -234,6 +261,9 @@ class Daemon:
             await self.publisher.stop()
         if self.durability:
             await self.durability.stop()
+        if self.redis is not None:
+            await self.redis.stop()
+            await self.redis.aclose()
         if self.authenticator:
             self.authenticator.stop()
         self.ctx.term()
