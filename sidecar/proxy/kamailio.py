@@ -17,25 +17,21 @@ Two transports, same results:
   The reply dir must be the ``fifo_reply_dir`` configured in Kamailio (with its trailing
   "/").
 
+The byte moving itself (timeouts, size caps, the FIFO round trip) is shared with the OpenSIPS
+client in :mod:`sidecar.proxy.transport`.
+
 Every failure - connection refused, timeout, missing FIFO, Kamailio error reply, malformed
 reply - raises :class:`ProxyRpcError`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
 import itertools
 import os
-import secrets
-import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from sidecar import model
 from sidecar.proxy.kamailio_dump import (
@@ -50,6 +46,7 @@ from sidecar.proxy.kamailio_dump import (
     parse_ul_lookup,
     ul_add_params,
 )
+from sidecar.proxy.transport import FifoRoundTrip, HttpPost
 
 __all__ = [
     "NAT_BFLAG_MASK",
@@ -73,44 +70,18 @@ class HttpTransport:
         self.url = url
         self.timeout = timeout
         self.max_reply = max_reply
-        self._session: aiohttp.ClientSession | None = None
+        # Kamailio drops the connection when it cannot build a reply, typically a big ul.dump
+        # that does not fit its private memory (raise it with -M): "closed the connection".
+        self._http = HttpPost(url, proxy="Kamailio", label="Kamailio RPC", error=ProxyRpcError,
+                              max_reply=max_reply)
 
     async def exchange(self, method: str, params: Sequence[Any], request_id: int) -> bytes:
         body = encode_request(method, params, request_id)
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout))
-        try:
-            async with self._session.post(
-                    self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
-                if resp.content_length is not None and resp.content_length > self.max_reply:
-                    raise ProxyRpcError(None, f"reply of {resp.content_length} bytes from "
-                                              f"{self.url} exceeds {self.max_reply}")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in resp.content.iter_any():
-                    size += len(chunk)
-                    if size > self.max_reply:
-                        raise ProxyRpcError(None, f"reply from {self.url} exceeds "
-                                                  f"{self.max_reply} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:  # before OSError, of which it is a subclass
-            raise ProxyRpcError(None, f"Kamailio RPC at {self.url} timed out after "
-                                      f"{self.timeout} s") from None
-        except aiohttp.ServerDisconnectedError:
-            # Kamailio drops the connection when it cannot build the reply, typically a big
-            # ul.dump that does not fit its private memory (raise it with -M).
-            raise ProxyRpcError(None, f"Kamailio at {self.url} closed the connection without "
-                                      "a reply (see its log)") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ProxyRpcError(None, f"Kamailio RPC at {self.url} unreachable: "
-                                      f"{str(exc) or type(exc).__name__}") from None
-        return b"".join(chunks)
+        _status, reply = await self._http.post(body, self.timeout)  # errors come as HTTP 500
+        return reply
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
 
 class FifoTransport:
@@ -122,114 +93,22 @@ class FifoTransport:
         self.reply_dir = Path(reply_dir)
         self.timeout = timeout
         self.max_reply = max_reply
-        self._prefix = f"sc{os.getpid()}x{secrets.token_hex(3)}x"
-        self._names = itertools.count(1)
+        self._fifo = FifoRoundTrip(fifo_path, reply_dir, proxy="Kamailio", label="Kamailio FIFO",
+                                   error=ProxyRpcError, max_reply=max_reply)
 
     async def exchange(self, method: str, params: Sequence[Any], request_id: int) -> bytes:
-        name = f"{self._prefix}{next(self._names)}"
-        reply_path = self.reply_dir / name
-        # Kamailio concatenates fifo_reply_dir and the name into a 128-byte buffer.
-        if len(str(self.reply_dir)) + 1 + len(name) > FIFO_MAX_REPLY_PATH:
-            raise ProxyRpcError(None, f"reply FIFO path in {self.reply_dir} is too long for "
-                                      f"Kamailio (max {FIFO_MAX_REPLY_PATH} bytes)")
-        body = encode_request(method, params, request_id, reply_name=name)
-        try:
-            os.mkfifo(reply_path, 0o600)
-        except OSError as exc:
-            raise ProxyRpcError(None, f"cannot create reply FIFO {reply_path}: "
-                                      f"{exc.strerror}") from None
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._roundtrip(body, reply_path)
-        except TimeoutError:
-            raise ProxyRpcError(None, f"no reply from Kamailio FIFO {self.fifo_path} within "
-                                      f"{self.timeout} s") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(reply_path)
+        def frame(name: str) -> bytes:
+            # Kamailio concatenates fifo_reply_dir and the name into a 128-byte buffer.
+            if len(str(self.reply_dir)) + 1 + len(name) > FIFO_MAX_REPLY_PATH:
+                raise ProxyRpcError(None, f"reply FIFO path in {self.reply_dir} is too long for "
+                                          f"Kamailio (max {FIFO_MAX_REPLY_PATH} bytes)")
+            # At most PIPE_BUF bytes (encode_request refuses more), so one atomic write.
+            return encode_request(method, params, request_id, reply_name=name)
 
-    async def _roundtrip(self, body: bytes, reply_path: Path) -> bytes:
-        loop = asyncio.get_running_loop()
-        # Reader first: Kamailio opens the reply FIFO non-blocking and gives up without one.
-        reader_fd = os.open(reply_path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            await self._send(loop, body)
-            return await self._read_reply(loop, reader_fd)
-        finally:
-            os.close(reader_fd)
-
-    async def _send(self, loop: asyncio.AbstractEventLoop, body: bytes) -> None:
-        try:
-            fd = os.open(self.fifo_path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                reason = "nobody reads it (Kamailio is not running)"
-            else:
-                reason = exc.strerror or str(exc)
-            raise ProxyRpcError(None, f"Kamailio FIFO {self.fifo_path} unusable: "
-                                      f"{reason}") from None
-        try:
-            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                raise ProxyRpcError(None, f"{self.fifo_path} is not a FIFO")
-            # One write of <= PIPE_BUF bytes is atomic; wait for room if the pipe is full.
-            while True:
-                try:
-                    written = os.write(fd, body)
-                    break
-                except BlockingIOError:
-                    await _wait_fd(loop, fd, writable=True)
-                except BrokenPipeError:
-                    raise ProxyRpcError(None, f"Kamailio closed its FIFO {self.fifo_path}") \
-                        from None
-            if written != len(body):
-                raise ProxyRpcError(None, f"short write to {self.fifo_path}")
-        finally:
-            os.close(fd)
-
-    async def _read_reply(self, loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
-        # A FIFO that never had a writer reads as EOF but is not reported readable (Linux),
-        # so wait for readiness first: it means Kamailio connected. Then read until it closes.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            await _wait_fd(loop, fd, writable=False)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                if not chunks:
-                    raise ProxyRpcError(None, "Kamailio closed the reply FIFO without "
-                                              "writing a reply")
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > self.max_reply:
-                raise ProxyRpcError(None, f"FIFO reply exceeds {self.max_reply} bytes")
-            chunks.append(chunk)
+        return await self._fifo.exchange(frame, self.timeout)
 
     async def close(self) -> None:
         return None
-
-
-async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) -> None:
-    """Wait until ``fd`` is readable/writable (the caller's asyncio.timeout bounds it)."""
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 class KamailioRpc:

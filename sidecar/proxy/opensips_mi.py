@@ -24,28 +24,23 @@ Transports (same JSON-RPC 2.0 bodies, same results):
   read until OpenSIPS closes it. Errors of the MI engine itself come back as plain text.
 
 Encoding and decoding are pure functions (:func:`encode_request`, :func:`decode_response`,
-:func:`fifo_request`); the transports only move bytes. Every failure - refused connection,
+:func:`fifo_request`); the transports only move bytes, with the code shared with the Kamailio
+client in :mod:`sidecar.proxy.transport`. Every failure - refused connection,
 timeout, HTTP error, malformed reply, JSON-RPC error - raises :class:`OpensipsMiError`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import errno
 import itertools
 import json
 import os
-import secrets
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from sidecar import model
+from sidecar.proxy.transport import FifoRoundTrip, HttpPost
 
 DEFAULT_TIMEOUT = 5.0
 # A full ul_dump is ~290 bytes per contact (14.5 MB at 50k); refuse anything beyond this.
@@ -139,47 +134,19 @@ class MiHttpTransport:
     def __init__(self, url: str, *, max_reply: int = DEFAULT_MAX_REPLY) -> None:
         self.url = url
         self.max_reply = max_reply
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HttpPost(url, proxy="OpenSIPS", label="mi_http", error=_transport_error,
+                              max_reply=max_reply)
 
     async def exchange(self, body: bytes, timeout: float) -> bytes:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        try:
-            async with self._session.post(
-                    self.url, data=body, headers={"Content-Type": "application/json"},
-                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                data = await self._read(resp)
-                status = resp.status
-        except TimeoutError:  # before OSError, of which it is a subclass
-            raise OpensipsMiError(f"mi_http at {self.url} timed out after {timeout} s") from None
-        except aiohttp.ServerDisconnectedError:
-            raise OpensipsMiError(f"OpenSIPS at {self.url} closed the connection without a "
-                                  "reply") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise OpensipsMiError(f"mi_http at {self.url} unreachable: "
-                                  f"{str(exc) or type(exc).__name__}") from None
+        status, data = await self._http.post(body, timeout)
+        # A JSON-RPC error body counts whatever the status; anything else must be a 200.
         if status != 200 and not data.lstrip().startswith(b"{"):
             raise OpensipsMiError(f"mi_http at {self.url} answered HTTP {status}: "
                                   f"{data[:200].decode('utf-8', 'replace')!r}")
         return data
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        if resp.content_length is not None and resp.content_length > self.max_reply:
-            raise OpensipsMiError(f"MI reply of {resp.content_length} bytes exceeds "
-                                  f"{self.max_reply}")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > self.max_reply:
-                raise OpensipsMiError(f"MI reply exceeds {self.max_reply} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
 
 class MiFifoTransport:
@@ -190,100 +157,19 @@ class MiFifoTransport:
         self.fifo_path = Path(fifo_path)
         self.reply_dir = Path(reply_dir)
         self.max_reply = max_reply
-        self._prefix = f"sc_{os.getpid()}_{secrets.token_hex(3)}_"
-        self._names = itertools.count(1)
+        self._fifo = FifoRoundTrip(fifo_path, reply_dir, proxy="OpenSIPS", label="mi_fifo",
+                                   error=_transport_error, max_reply=max_reply)
 
     async def exchange(self, body: bytes, timeout: float) -> bytes:
-        name = f"{self._prefix}{next(self._names)}"
-        reply_path = self.reply_dir / name
-        request = fifo_request(name, body)
-        try:
-            os.mkfifo(reply_path, 0o600)
-        except OSError as exc:
-            raise OpensipsMiError(f"cannot create reply FIFO {reply_path}: "
-                                  f"{exc.strerror}") from None
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._roundtrip(request, reply_path)
-        except TimeoutError:
-            raise OpensipsMiError(f"no reply from mi_fifo {self.fifo_path} within "
-                                  f"{timeout} s") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(reply_path)
-
-    async def _roundtrip(self, request: bytes, reply_path: Path) -> bytes:
-        loop = asyncio.get_running_loop()
-        reader_fd = os.open(reply_path, os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            await self._send(loop, request)
-            return await self._read_reply(loop, reader_fd)
-        finally:
-            os.close(reader_fd)
-
-    async def _send(self, loop: asyncio.AbstractEventLoop, request: bytes) -> None:
-        try:
-            fd = os.open(self.fifo_path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            reason = ("nobody reads it (OpenSIPS is not running)" if exc.errno == errno.ENXIO
-                      else exc.strerror or str(exc))
-            raise OpensipsMiError(f"mi_fifo {self.fifo_path} unusable: {reason}") from None
-        try:
-            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                raise OpensipsMiError(f"{self.fifo_path} is not a FIFO")
-            view = memoryview(request)
-            while view:
-                try:
-                    written = os.write(fd, view)
-                except BlockingIOError:
-                    await _wait_fd(loop, fd, writable=True)
-                    continue
-                except BrokenPipeError:
-                    raise OpensipsMiError(f"OpenSIPS closed its FIFO {self.fifo_path}") \
-                        from None
-                view = view[written:]
-        finally:
-            os.close(fd)
-
-    async def _read_reply(self, loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
-        # A FIFO that never had a writer reads as EOF but is not reported readable (Linux),
-        # so wait for readiness first: it means OpenSIPS opened it. Then read until it closes.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            await _wait_fd(loop, fd, writable=False)
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                if not chunks:
-                    raise OpensipsMiError("OpenSIPS closed the reply FIFO without a reply")
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > self.max_reply:
-                raise OpensipsMiError(f"FIFO reply exceeds {self.max_reply} bytes")
-            chunks.append(chunk)
+        return await self._fifo.exchange(lambda name: fifo_request(name, body), timeout)
 
     async def close(self) -> None:
         return None
 
 
-async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) -> None:
-    """Wait until ``fd`` is readable/writable (the caller's asyncio.timeout bounds it)."""
-    ready = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    add, remove = ((loop.add_writer, loop.remove_writer) if writable
-                   else (loop.add_reader, loop.remove_reader))
-    add(fd, wake)
-    try:
-        await ready
-    finally:
-        remove(fd)
+def _transport_error(code: int | None, message: str) -> OpensipsMiError:
+    """The :class:`~sidecar.proxy.transport.ErrorFactory` for this client."""
+    return OpensipsMiError(message, code)
 
 
 # --- client -----------------------------------------------------------------------------------
