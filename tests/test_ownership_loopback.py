@@ -56,11 +56,15 @@ def sources(datagrams: list[tuple[int, tuple]]) -> set[str]:
     return {addr[0] for _, addr in datagrams}
 
 
-def collect(socks: list[socket.socket], seconds: float) -> list[tuple[int, tuple]]:
-    """(phone port, sender address) of every datagram the phones receive meanwhile."""
+def collect(socks: list[socket.socket], seconds: float,
+            until_all: bool = False) -> list[tuple[int, tuple]]:
+    """(phone port, sender address) of every datagram the phones receive meanwhile; with
+    ``until_all``, stop early once every phone got at least one (seconds is then a limit)."""
     out = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        if until_all and len({port for port, _ in out}) == len(socks):
+            break
         for s in socks:
             try:
                 while True:
@@ -118,7 +122,8 @@ def test_only_the_active_proxy_pings_and_the_standby_takes_over(tmp_path):
                        for c in loaded)
 
             # steady state: pings come from A's proxy only
-            seen = collect(phone_socks, 3.0)
+            seen = collect(phone_socks, 15.0, until_all=True)
+            seen += collect(phone_socks, 2.0)  # and a while longer: B must stay silent
             assert sources(seen) == {"127.0.0.1"}, sources(seen)
             assert {port for port, _ in seen} == set(ports)
             assert b.mi("sc_ping_stats")["proxy_pinger"]["wanted"] is False
@@ -129,7 +134,7 @@ def test_only_the_active_proxy_pings_and_the_standby_takes_over(tmp_path):
                        and not b.mi("sc_role")["failover_pending"], 10, what="B took over")
             assert b.mi("sc_ping_stats")["proxy_pinger"]["wanted"] is True
             collect(phone_socks, 0.5)  # drain
-            seen = collect(phone_socks, 3.0)
+            seen = collect(phone_socks, 15.0, until_all=True)
             assert sources(seen) == {"127.0.0.2"}, sources(seen)
             assert {port for port, _ in seen} == set(ports)  # every phone, from the new active
         finally:
