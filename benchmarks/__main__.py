@@ -8,6 +8,8 @@ import sys
 
 BENCHMARKS = {
     "replication": "benchmarks.replication",
+    "ingest": "benchmarks.ingest",
+    "failover": "benchmarks.failover",
 }
 
 
