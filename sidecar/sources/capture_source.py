@@ -73,6 +73,7 @@ from .packets import (
     PacketError,
     SipData,
 )
+from .receive_buffer import set_receive_buffer
 from .registrations import OutcomeCounts, apply_outcome
 
 if TYPE_CHECKING:
@@ -84,7 +85,6 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
 PACKET_IGNORE_OUTGOING = 23  # Linux 4.20+
-SO_RCVBUFFORCE = 33
 SO_TIMESTAMPNS = 35
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on 64-bit Linux
@@ -330,10 +330,7 @@ def open_capture_socket(interface: str, program: list[bpf.Insn], rcvbuf: int) ->
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, proto)
     try:
         bpf.attach(sock, program)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        set_receive_buffer(sock, rcvbuf)
         if ifname and _is_loopback(ifname):
             with contextlib.suppress(OSError):
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)

@@ -25,7 +25,7 @@ Settings (``[[sources]]`` table)::
     pair_timeout_s = 32            # a REGISTER not answered within this is forgotten
     max_pending = 100000           # open REGISTER transactions kept (oldest dropped first)
     max_connections = 64           # TCP agents at once; more are refused and counted
-    udp_rcvbuf = 4194304           # SO_RCVBUF: rides out bursts (capped by net.core.rmem_max)
+    udp_rcvbuf = 67108864          # receive buffer: rides out bursts (SO_RCVBUFFORCE as root)
     max_clock_skew_s = 60          # capture times further off use the local clock instead
     name = "hep"                   # key in sc_status/metrics (give two HEP sources two names)
 """
@@ -53,6 +53,7 @@ from .hep import (
     check_auth,
     decode_hep,
 )
+from .receive_buffer import set_receive_buffer
 from .registrations import OutcomeCounts, apply_outcome
 from .registry import SourceContext
 
@@ -78,7 +79,7 @@ class HepSettings:
     pair_timeout_s: float = 32.0
     max_pending: int = 100_000
     max_connections: int = 64
-    udp_rcvbuf: int = 4 * 1024 * 1024
+    udp_rcvbuf: int = 64 * 1024 * 1024
     max_clock_skew_s: float = 60.0
     name: str = "hep"
 
@@ -210,9 +211,7 @@ class HepSource:
         caps the value at net.core.rmem_max without an error."""
         if self._udp is None or not self.settings.udp_rcvbuf:
             return
-        sock = self._udp.get_extra_info("socket")
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.udp_rcvbuf)
+        set_receive_buffer(self._udp.get_extra_info("socket"), self.settings.udp_rcvbuf)
 
     async def stop(self) -> None:
         if self._timer is not None:

@@ -47,7 +47,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -94,6 +93,7 @@ from .opensips_events import (
     mi_contact_to_record,
     parse_event,
 )
+from .receive_buffer import set_receive_buffer
 from .registry import SourceContext
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class OpensipsSettings:
     reconcile_interval_s: float = 3600.0
     show_contact_rate: float = 200.0
     count_tolerance: int = 100
-    udp_rcvbuf: int = 4 * 1024 * 1024
+    udp_rcvbuf: int = 64 * 1024 * 1024
     unsubscribe_on_stop: bool = True
 
 
@@ -410,9 +410,7 @@ class OpensipsSource:
                                                              s.events_udp.port))
             self._udp_transport = transport
             sock = transport.get_extra_info("socket")
-            if s.udp_rcvbuf:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s.udp_rcvbuf)
+            set_receive_buffer(sock, s.udp_rcvbuf)
             self.udp_socket = s.events_udp.subscribe_socket(sock.getsockname()[1])
         if s.events_tcp is not None:
             self._tcp_server = await asyncio.start_server(
