@@ -130,7 +130,8 @@ class Daemon:
                              tcp_buffer=rep.tcp_buffer, on_heartbeat=on_heartbeat)
             await sub.start()
             self.subscribers.append(sub)
-        ctx = SourceContext(self.replica, self.publisher.kick, self.ctx, cfg.node_id)
+        ctx = SourceContext(self.replica, self.publisher.kick, self.ctx, cfg.node_id,
+                            is_active=lambda: self.role() == "active")
         for source_cfg in cfg.sources:
             source = build_source(source_cfg, ctx)
             await source.start()

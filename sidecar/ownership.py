@@ -186,14 +186,16 @@ class Ownership:
 
     async def load_pass(self) -> None:
         """Write into the proxy what it lacks: replicated contacts not yet loaded (or changed
-        since), and remove the ones that are gone. Own-origin contacts came from this proxy."""
+        since), and remove the ones that are gone. Own-origin contacts came from this proxy
+        while it was active; on a passive node (e.g. restarted after a failover) they are
+        loaded too, since its proxy may have lost them."""
         p = self.proxy_settings
         assert p is not None and self.client is not None
         node = self.replica.node_id
         now = time.time()
         current: dict[tuple[str, str], tuple] = {}
         for rec in self.replica.store:
-            if rec[HANDLE] >> 56 != node and (rec[5] == 0 or rec[5] > now):
+            if (not self.active or rec[HANDLE] >> 56 != node) and (rec[5] == 0 or rec[5] > now):
                 current[(rec[0], rec_bid(rec))] = rec
         delay = 1.0 / p.load_rate if p.load_rate > 0 else 0.0
         for key, rec in current.items():

@@ -8,11 +8,9 @@ VIP, roles and epochs, what each proxy holds. "Never two nodes pinging" is check
 capture: keepalives are cut into per-sender spans and no two spans of different hosts may
 overlap (:func:`sidecar.lab.failover.overlapping_spans`).
 
-The VIP is moved by the `before_failover` / `on_demote` hooks running the VIP CLI
-(``python -m sidecar.role.vip``), not by ``[role] vip``: the built-in action fails under the
-daemon's uvloop (see ``test_builtin_vip_action_takes_the_vip``). Tests marked ``xfail(strict)``
-record gaps found here, with the reason; they start passing (and then fail as XPASS) when the
-gap is fixed.
+Most stories move the VIP with the `before_failover` / `on_demote` hooks running the VIP CLI
+(``python -m sidecar.role.vip``); ``test_builtin_vip_action_takes_the_vip`` covers the built-in
+``[role] vip`` action.
 
 The capture analysis and the generated configuration are tested without root.
 """
@@ -215,21 +213,12 @@ def test_d_the_old_active_returns_passive_resynced_and_silent(kill_story: KillSt
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "warm loading marks loaded contacts NAT (bflag 6) but not SIP-ping (bflag 7): "
-    "KamailioRpc.ul_add_record (sidecar/proxy/kamailio.py) adds only NAT_BFLAG_MASK, and HEP-"
-    "learned records carry cflags 0, so the new active's nathelper pings them with 4-byte "
-    "UDP nulls that phones never answer instead of SIP OPTIONS"))
 def test_b_the_new_active_proxy_pings_with_sip_options(kill_story: KillStory) -> None:
     from_b = [p for p in kill_story.failover_pings if p.src_mac == MAC["b"]]
     assert from_b and all(p.payload.startswith(b"OPTIONS ") for p in from_b)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the returned node's fresh Kamailio never gets the contacts it had registered itself: "
-    "Ownership.load_pass (sidecar/ownership.py) loads only records of other origins "
-    "(`rec[HANDLE] >> 56 != node`), so a fail-back to it would serve none of them"))
 def test_d_the_returned_nodes_proxy_is_loaded_with_every_contact(kill_story: KillStory) -> None:
     assert kill_story.a_proxy_contacts_back == PHONES
 
@@ -448,11 +437,6 @@ def test_f_manual_failover_moves_role_vip_and_pinging_and_back(
 # --- gaps that have their own lab -----------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the built-in VIP action cannot run in the daemon: Vip.arp_probe (sidecar/role/vip.py) "
-    "awaits loop.sock_recvfrom, which uvloop (used by sidecar.daemon.run) does not implement "
-    "(NotImplementedError); RoleService._execute (sidecar/role/service.py) does not catch it, "
-    "so the primary stays 'active' with failover_pending forever, without VIP or pinging"))
 def test_builtin_vip_action_takes_the_vip(tmp_path) -> None:
     _require_lab()
     with Lab(workdir=tmp_path, udp_timeout=UDP_TIMEOUT, vip_on=None) as lab:
@@ -468,12 +452,6 @@ def test_builtin_vip_action_takes_the_vip(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "with the `kamailio` (ul.dump reconcile) source, a returning old active deletes every "
-    "contact it had registered: its fresh Kamailio is empty (the loader skips own-origin "
-    "records, sidecar/ownership.py load_pass) and reconcile() (sidecar/sources/"
-    "kamailio_source.py) deletes own-origin bindings the dump lacks; the deletes replicate and "
-    "the active's loader removes them from its Kamailio"))
 def test_returning_node_with_reconcile_source_loses_no_contact(tmp_path) -> None:
     _require_lab()
     with Lab(workdir=tmp_path, udp_timeout=UDP_TIMEOUT, vip_on=None) as lab:

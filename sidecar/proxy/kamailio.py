@@ -38,6 +38,7 @@ from sidecar.proxy.kamailio_dump import (
     FIFO_MAX_REPLY_PATH,
     LOOKUP_EMPTY_MESSAGES,
     NAT_BFLAG_MASK,
+    SIPPING_BFLAG_MASK,
     ProxyRpcError,
     decode_response,
     encode_request,
@@ -183,9 +184,12 @@ class KamailioRpc:
         return True
 
     async def ul_add_record(self, rec: tuple, *, table: str = "location",
-                            nat_bflag_mask: int = NAT_BFLAG_MASK) -> bool:
-        """Warm-load one :mod:`sidecar.model` contact tuple (NAT flag -> the NAT bflag)."""
-        nat = nat_bflag_mask if rec[model.FLAGS] & model.FLAG_NAT else 0
+                            nat_bflag_mask: int = NAT_BFLAG_MASK,
+                            sipping_bflag_mask: int = SIPPING_BFLAG_MASK) -> bool:
+        """Warm-load one :mod:`sidecar.model` contact tuple. A NATed contact gets the NAT and
+        the SIP-ping branch flags, so the proxy's pinger sends OPTIONS (which phones answer)
+        rather than 4-byte nulls once this node is active."""
+        nat = nat_bflag_mask | sipping_bflag_mask if rec[model.FLAGS] & model.FLAG_NAT else 0
         return await self.ul_add(
             table, rec[model.AOR], rec[model.URI], rec[model.EXPIRES], q=rec[model.Q],
             path=rec[model.PATH], cflags=rec[model.CFLAGS] | nat, methods=rec[model.METHODS],

@@ -154,8 +154,11 @@ class RoleService:
                                             target=kw.get("target"))
         report = next((a for a in actions if isinstance(a, Report)), None)
         ok = await self._execute([a for a in actions if not isinstance(a, Report)])
+        status = self.status()
+        if report is not None:  # the arbiter's report (check_only, target, notes, ...) first
+            status = {**status, **report.status}
         out = {"ok": report.ok if report else ok, "command": name,
-               "detail": report.detail if report else "", "status": self.status()}
+               "detail": report.detail if report else "", "status": status}
         if not ok:
             out["ok"] = False
             out["detail"] = f"{out['detail']}; carried out with errors: {self.last_error}"
@@ -195,9 +198,14 @@ class RoleService:
                 elif isinstance(a, BecomeActive):
                     self._epoch(a.epoch)
                     if self.vip is not None:
-                        res = await self.vip.acquire()
-                        if not res.ok:
-                            self.last_error = f"VIP: {res.detail}"
+                        try:
+                            res = await self.vip.acquire()
+                            failure = None if res.ok else res.detail
+                        except Exception as exc:  # a broken VIP action is a failed failover
+                            log.exception("VIP acquire failed")
+                            failure = f"{type(exc).__name__}: {exc}"
+                        if failure is not None:
+                            self.last_error = f"VIP: {failure}"
                             ok, detail = False, self.last_error
                             break
                     self.active = True
@@ -209,9 +217,13 @@ class RoleService:
                     self.active = False
                     await self._switch(False)
                     if self.vip is not None:
-                        res = await self.vip.release()
-                        if not res.ok:
-                            self.last_error = f"VIP release: {res.detail}"
+                        try:
+                            res = await self.vip.release()
+                            if not res.ok:
+                                self.last_error = f"VIP release: {res.detail}"
+                        except Exception as exc:
+                            log.exception("VIP release failed")
+                            self.last_error = f"VIP release: {type(exc).__name__}: {exc}"
                     self._epoch(a.epoch)
                     if was_active:
                         log.warning("PASSIVE at epoch %d (%s)", a.epoch, a.reason)

@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from scapy.layers.l2 import ARP, Ether
 
@@ -131,6 +132,27 @@ def _packet_socket(interface: str) -> socket.socket:
     return s
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _recvfrom(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                    size: int) -> tuple[bytes, Any]:
+    """``loop.sock_recvfrom`` for any event loop: uvloop (the daemon's loop) lacks it."""
+    while True:
+        try:
+            return sock.recvfrom(size)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
 class Vip:
     """One VIP on one interface."""
 
@@ -188,7 +210,7 @@ class Vip:
                     next_send = time.monotonic() + gap
                 wait = min(left, max(0.0, next_send - time.monotonic()))
                 try:
-                    data, addr = await asyncio.wait_for(loop.sock_recvfrom(s, 2048), wait)
+                    data, addr = await asyncio.wait_for(_recvfrom(loop, s, 2048), wait)
                 except TimeoutError:
                     continue
                 if addr[2] == PACKET_OUTGOING:

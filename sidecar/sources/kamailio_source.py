@@ -168,7 +168,7 @@ def dump_clock(started: float, finished: float) -> int:
 def reconcile(replica: Replica, contacts: list[dict[str, Any]], *, dump_start_ms: int,
               table: str = "location", use_domain: bool = False,
               nat_bflag_mask: int = 1 << 6, tolerance_s: float = EXPIRES_TOLERANCE_S,
-              now: float | None = None) -> ReconcileCounts:
+              now: float | None = None, deletes: bool = True) -> ReconcileCounts:
     """Make this node's own contacts in ``replica`` equal ``contacts`` (a parsed ``ul.dump``
     started at ``dump_start_ms``); see the module docstring for the rules. No I/O."""
     counts = ReconcileCounts()
@@ -206,6 +206,10 @@ def reconcile(replica: Replica, contacts: list[dict[str, Any]], *, dump_start_ms
             counts.refreshes += 1
         else:
             counts.stale += 1
+    if not deletes:
+        # A passive node's proxy holds only what was warm-loaded into it (or nothing, right
+        # after a restart): its absence of a contact proves nothing, so nothing is deleted.
+        return counts
     now_s = time.time() if now is None else now
     own = replica.node_id
     for rec in store.records():
@@ -294,7 +298,8 @@ class KamailioSource:
                 self.ctx.replica, contacts, dump_start_ms=int(started * 1000),
                 table=self.settings.table, use_domain=self.settings.use_domain,
                 nat_bflag_mask=1 << self.settings.nat_bflag,
-                tolerance_s=EXPIRES_TOLERANCE_S + math.ceil(dumped - started))
+                tolerance_s=EXPIRES_TOLERANCE_S + math.ceil(dumped - started),
+                deletes=self.ctx.is_active())
             if counts.puts or counts.refreshes or counts.deletes:
                 self.ctx.kick()
             self.totals.add(counts)

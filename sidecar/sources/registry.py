@@ -34,6 +34,9 @@ class SourceContext:
     kick: Callable[[], None]  # call after local changes so the publisher flushes them
     zmq: zmq.asyncio.Context
     node_id: int
+    # True while this node serves the phones (always, without [role]): a passive node's proxy
+    # is not authoritative for deletions.
+    is_active: Callable[[], bool] = lambda: True
 
 
 class Source(Protocol):
