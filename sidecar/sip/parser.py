@@ -54,7 +54,10 @@ the AOR. Headers the registration does not need are only checked to have a token
 
 Speed: the header block is split into lines once and dispatched through a dict of common name
 spellings; only the needed headers are parsed, with precompiled regexes over short spans and a
-``str.split`` fast path for parameter lists. No per-character Python loops.
+``str.split`` fast path for parameter lists. The everyday shapes (``<uri>;params`` addresses,
+a plain top Via) are first tried with stricter ASCII-only patterns whose every match reads
+the same as the general patterns'; anything else falls through to those. No per-character
+Python loops.
 """
 
 from __future__ import annotations
@@ -186,6 +189,24 @@ _PARAM = re.compile(_PARAM_BODY)
 _PARAM_RUN = re.compile("(?:" + _PARAM_BODY.replace("(", "(?:").replace("(?:?:", "(?:") + ")*")
 # Names and unquoted values of params, joined: what the regex path accepts for them.
 _PLAIN_PARAM_TEXT = re.compile(r'[^\s=;,"<>]+')
+# The everyday param run: no whitespace, no escapes, quoted values without ";", ending at a
+# list comma or the end. Every text it matches the regex path reads the same way, so a match
+# can be split with str methods; anything else takes the general path. _FAST_CHAR is printable
+# ASCII but the param delimiters ``"``, ``,``, ``;``, ``<``, ``=``, ``>`` and ``\``: a
+# subset of the general path's classes that the regex engine tests with a bitmap, not per-char
+# Unicode lookups. Anything outside it (non-ASCII included) takes the general path.
+_FAST_CHAR = r"[!#-+\--:?-\[\]-~]"
+_FAST_RUN = (
+    r"(?:;" + _FAST_CHAR + r'++(?:=(?:"[^"\\;]*+"|' + _FAST_CHAR + r"++))?+)*+"
+)
+_FAST_PARAMS = re.compile(_FAST_RUN + r"(?=[ \t]*+(?:,|\Z))")
+# The everyday single address, ``<uri>`` (printable ASCII but ``<``/``>``) and such a param
+# run, as a whole header value.
+_FAST_NAME_ADDR = re.compile(r"<([!-;=?-~]+)>(" + _FAST_RUN + ")")
+# The same as one element of a list, ending at a comma or the end.
+_FAST_LIST_ELEMENT = re.compile(
+    r"[ \t]*+<([!-;=?-~]+)>(" + _FAST_RUN + r")(?=[ \t]*+(?:,|\Z))"
+)
 _LIST_SEP = re.compile(r"[ \t]*(,)?")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S")
 _VIA = re.compile(
@@ -193,8 +214,14 @@ _VIA = re.compile(
     r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?",
     re.IGNORECASE,
 )
+# The everyday top Via (``SIP/2.0/UDP host:port;...``): case-sensitive and without LWS, and it
+# must end where params or the next Via start, so any match is the one _VIA would find; the
+# IGNORECASE pattern (slower, and Unicode-aware) handles the rest.
+_FAST_VIA = re.compile(
+    r"SIP/2\.0/([" + _TOKEN_CHARS + r"]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)"
+    r"(?::([0-9]{1,5}))?(?=[;,]|\Z)"
+)
 _CSEQ = re.compile(r"([0-9]{1,10})[ \t]+([" + _TOKEN_CHARS + r"]+)")
-_DIGITS = re.compile(r"[0-9]+")
 _QVALUE = re.compile(r"(?:0(?:\.([0-9]{0,3}))?|1(?:\.0{0,3})?)")
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
@@ -215,10 +242,14 @@ _LWS = " \t"
 
 def is_keepalive(data: bytes) -> bool:
     """True when ``data`` is only CR/LF: an RFC 5626 ping (CRLFCRLF) or pong (CRLF)."""
+    if type(data) is bytes and data and data[0] not in (10, 13):
+        return False  # the usual message, settled by its first byte without strip's copy
     return bool(data) and not data.strip(_CRLF)
 
 
 def _skip_crlf(data: bytes | bytearray) -> int:
+    if data[:1] not in (b"\r", b"\n"):
+        return 0  # the usual case, without the loop
     start = 0
     n = len(data)
     while start < n and data[start] in (10, 13):
@@ -429,6 +460,13 @@ def _single(values: dict[str, list[str]], name: str) -> str | None:
     return found[0]
 
 
+def _only(found: list[str], name: str) -> str:
+    """:func:`_single` for a header known to be present (the list is never empty)."""
+    if len(found) > 1 and any(v != found[0] for v in found):
+        raise SipParseError(f"conflicting {name} headers")
+    return found[0]
+
+
 def _header_fields(lines: list[str], max_size: int) -> dict:
     """The :class:`SipMessage` fields (all but ``body``) from the header lines."""
     values = _collect_headers(lines)
@@ -436,37 +474,45 @@ def _header_fields(lines: list[str], max_size: int) -> dict:
         values = _collect_headers(_unfold(lines))
         if values is None:
             raise SipParseError("folded header line")
-    call_id = _single(values, "call-id")
+    get = values.get
+    found = get("call-id")
+    call_id = None if found is None else _only(found, "call-id")
     if not call_id or len(call_id.split()) != 1:
         raise SipParseError("missing or bad Call-ID")
-    cseq_text = _single(values, "cseq")
-    if cseq_text is None:
+    found = get("cseq")
+    if found is None:
         raise SipParseError("missing CSeq")
-    m = _CSEQ.fullmatch(cseq_text)
+    m = _CSEQ.fullmatch(_only(found, "cseq"))
     if m is None or int(m.group(1)) > MAX_CSEQ:
         raise SipParseError("bad CSeq")
-    to_text = _single(values, "to")
-    if to_text is None:
+    found = get("to")
+    if found is None:
         raise SipParseError("missing To")
-    to_list = _parse_address_list(to_text, "To")
+    to_list = _parse_address_list(_only(found, "to"), "To")
     if len(to_list) != 1:
         raise SipParseError("To must hold one address")
     to_uri = to_list[0][1]
-    vias = values.get("via")
+    vias = get("via")
     if vias is None:
         raise SipParseError("missing Via")
     content_length = None
-    length_text = _single(values, "content-length")
-    if length_text is not None:
+    found = get("content-length")
+    if found is not None:
+        length_text = _only(found, "content-length")
         if (
-            _DIGITS.fullmatch(length_text) is None
+            not _is_digits(length_text)
             or len(length_text) > 10
             or int(length_text) > max_size
         ):
             raise SipParseError("bad Content-Length")
         content_length = int(length_text)
-    expires_text = _single(values, "expires")
-    contacts, wildcard = _parse_contacts(values.get("contact"))
+    found = get("expires")
+    expires_text = None if found is None else _only(found, "expires")
+    found = get("contact")
+    contacts, wildcard = ([], False) if found is None else _parse_contacts(found)
+    found = get("user-agent")
+    path = get("path")
+    allow = get("allow")
     fields = {
         "call_id": call_id,
         "cseq": int(m.group(1)),
@@ -476,18 +522,23 @@ def _header_fields(lines: list[str], max_size: int) -> dict:
         "contacts": contacts,
         "contact_wildcard": wildcard,
         "expires_header": None if expires_text is None else _delta_seconds(expires_text),
-        "path": _join_path(values.get("path")),
-        "user_agent": _single(values, "user-agent") or None,
-        "allow": _join_list(values.get("allow")),
+        "path": None if path is None else _join_path(path),
+        "user_agent": None if found is None else (_only(found, "user-agent") or None),
+        "allow": None if allow is None else ",".join(allow),
         "content_length": content_length,
     }
     _parse_top_via(vias[0], fields)
     return fields
 
 
+def _is_digits(text: str) -> bool:
+    """``[0-9]+`` without a regex call: ``isdigit`` alone would take other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
 # --- field parsers ------------------------------------------------------------------------------
 def _delta_seconds(text: str) -> int:
-    if _DIGITS.fullmatch(text) is None:
+    if not _is_digits(text):
         raise SipParseError(f"bad delta-seconds {text[:20]!r}")
     if len(text) > 10:  # keeps int() clear of its digit limit on hostile input
         text = text.lstrip("0") or "0"
@@ -515,6 +566,10 @@ def _unquote(text: str) -> str:
 
 def _params_at(value: str, pos: int) -> tuple[dict[str, str | None], int]:
     """The ``;name[=value]`` run starting at ``pos`` and the position after it."""
+    m = _FAST_PARAMS.match(value, pos)
+    if m is not None:
+        end = m.end()
+        return (_split_fast_run(value[pos:end]) if end != pos else {}), end
     if "," not in value and "\\" not in value:
         params = _split_params(value[pos:])
         if params is not None:
@@ -523,6 +578,15 @@ def _params_at(value: str, pos: int) -> tuple[dict[str, str | None], int]:
     if end == pos:
         return {}, pos
     return {name.lower(): raw or None for name, raw in _PARAM.findall(value, pos, end)}, end
+
+
+def _split_fast_run(run: str) -> dict[str, str | None]:
+    """Params from a non-empty text that ``_FAST_RUN`` matched whole (so no checks needed)."""
+    params: dict[str, str | None] = {}
+    for piece in run[1:].split(";"):
+        name, eq, raw = piece.partition("=")
+        params[name.lower()] = raw if eq else None
+    return params
 
 
 def _split_params(rest: str) -> dict[str, str | None] | None:
@@ -567,23 +631,40 @@ def _parse_address_list(
     Params after an addr-spec belong to the header (RFC 3261 §20.10), so in both forms the
     params dict holds the header params; URI params stay inside the URI.
     """
+    m = _FAST_NAME_ADDR.fullmatch(value)
+    if m is not None:  # the usual lone ``<uri>;params``: what the loop below would read
+        uri, run = m.group(1, 2)
+        if _URI.match(uri) is None:
+            raise SipParseError(f"bad URI in {header}")
+        return [(None, uri, _split_fast_run(run) if run else {})]
     out: list[tuple[str | None, str, dict[str, str | None]]] = []
     pos = 0
     n = len(value)
     while True:
-        m = _NAME_ADDR.match(value, pos)
-        if m is not None:
-            quoted, token, uri = m.group(1, 2, 3)
-            display = _unquote(quoted) if quoted is not None else (token.strip(_LWS) or None)
+        m = _FAST_LIST_ELEMENT.match(value, pos)
+        if m is not None:  # ``<uri>;params`` as in the lone case above
+            uri, run = m.group(1, 2)
+            display = None
         else:
-            m = _ADDR_SPEC.match(value, pos)
-            if m is None:
-                raise SipParseError(f"bad address in {header}")
-            display, uri = None, m.group(1)
+            run = None
+            m = _NAME_ADDR.match(value, pos)
+            if m is not None:
+                quoted, token, uri = m.group(1, 2, 3)
+                display = _unquote(quoted) if quoted is not None else (token.strip(_LWS) or None)
+            else:
+                m = _ADDR_SPEC.match(value, pos)
+                if m is None:
+                    raise SipParseError(f"bad address in {header}")
+                display, uri = None, m.group(1)
         if _URI.match(uri) is None:
             raise SipParseError(f"bad URI in {header}")
-        params, pos = _params_at(value, m.end())
+        if run is None:
+            params, pos = _params_at(value, m.end())
+        else:
+            params, pos = (_split_fast_run(run) if run else {}), m.end()
         out.append((display, uri, params))
+        if pos == n:
+            return out
         sep = _LIST_SEP.match(value, pos)
         pos = sep.end()
         if sep.group(1) is None:
@@ -621,7 +702,7 @@ def _contact_from(display: str | None, uri: str, params: dict[str, str | None]) 
     instance = params.get("+sip.instance")
     reg_id = params.get("reg-id")
     if reg_id is not None:
-        if _DIGITS.fullmatch(reg_id) is None or len(reg_id) > 10 or int(reg_id) > MAX_CSEQ:
+        if not _is_digits(reg_id) or len(reg_id) > 10 or int(reg_id) > MAX_CSEQ:
             raise SipParseError("bad reg-id")
         reg_id = int(reg_id)
     return ContactHeader(
@@ -637,22 +718,23 @@ def _contact_from(display: str | None, uri: str, params: dict[str, str | None]) 
 
 
 def _parse_top_via(value: str, fields: dict) -> None:
-    m = _VIA.match(value)
+    m = _FAST_VIA.match(value) or _VIA.match(value)
     if m is None:
         raise SipParseError("bad Via")
     transport, host, port = m.group(1, 2, 3)
     if port is not None and int(port) > 65535:
         raise SipParseError("bad Via port")
     params, pos = _params_at(value, m.end())
-    sep = _LIST_SEP.match(value, pos)
-    if sep.group(1) is None and sep.end() != len(value):
-        raise SipParseError("junk in the top Via")
+    if pos != len(value):
+        sep = _LIST_SEP.match(value, pos)
+        if sep.group(1) is None and sep.end() != len(value):
+            raise SipParseError("junk in the top Via")
     rport: int | None = None
     if "rport" in params:
         raw = params["rport"]
         if raw is None:
             rport = 0
-        elif _DIGITS.fullmatch(raw) is None or len(raw) > 5 or int(raw) > 65535:
+        elif not _is_digits(raw) or len(raw) > 5 or int(raw) > 65535:
             raise SipParseError("bad rport")
         else:
             rport = int(raw)

@@ -369,13 +369,27 @@ def _nat_received(contacts: list[ContactHeader], src: Address) -> str | None:
     return None
 
 
+# host text -> comparable form. Phones re-register from the same few addresses, and
+# ipaddress.ip_address costs microseconds, so results are kept; the dict is emptied when it
+# reaches the cap, which bounds memory whatever hosts a capture sees.
+_COMPARABLE_CACHE: dict[str, object] = {}
+_COMPARABLE_CACHE_MAX = 4096
+
+
 def _comparable_host(host: str) -> object:
     """An IP address object when ``host`` is one (so IPv6 spellings compare equal)."""
+    found = _COMPARABLE_CACHE.get(host)
+    if found is not None:
+        return found
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        return ipaddress.ip_address(text)
+        found = ipaddress.ip_address(text)
     except ValueError:
-        return text.lower()
+        found = text.lower()
+    if len(_COMPARABLE_CACHE) >= _COMPARABLE_CACHE_MAX:
+        _COMPARABLE_CACHE.clear()
+    _COMPARABLE_CACHE[host] = found
+    return found
 
 
 def _contact_host_port(uri: str) -> tuple[str, int | None]:
