@@ -29,6 +29,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The lab failover demo when this machine can build network namespaces (root, ip, nft,
+    kamailio, sipp), else the loopback replication demo."""
+    if not args.loopback:
+        from .demo_lab import lab_unavailable
+        from .demo_lab import main as lab_main
+
+        why = lab_unavailable()
+        if why is None:
+            return lab_main(phones=args.phones)
+        print(f"network-namespace lab unavailable ({why}); running the loopback pair demo")
     from .demo import main as demo_main
 
     return demo_main(contacts=args.contacts)
@@ -58,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_run)
     sub.add_parser("mi", help="send an admin command: sidecar mi [--url U] CMD [PARAMS...]")
     p = sub.add_parser("demo", help="run an active/standby pair on this machine")
-    p.add_argument("--contacts", type=int, default=50_000)
+    p.add_argument("--contacts", type=int, default=50_000, help="loopback demo load")
+    p.add_argument("--phones", type=int, default=200, help="lab demo phones behind the NAT")
+    p.add_argument("--loopback", action="store_true",
+                   help="the loopback replication demo even where the lab could run")
     p.set_defaults(func=_demo)
     p = sub.add_parser("keygen", help="create a CURVE keypair for replication links")
     p.add_argument("directory")
