@@ -80,6 +80,7 @@ class FollowerStats:
     peer_restarts: int = 0
     stale_epoch: int = 0
     foreign: int = 0
+    last_snapshot_s: float = 0.0  # request -> last record applied, of the last snapshot
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Follower:
     _snap_next_chunk: int = 0
     _snap_records: int = 0
     _req_id: int = 0
+    _sync_started: float = 0.0
 
     # ------------------------------------------------------------ inputs
     def on_batch(self, hdr: BatchHeader, changes: tuple, now: float) -> list:
@@ -175,6 +177,7 @@ class Follower:
                 self.stats.gaps += 1
                 return self._request(now, 0)  # lost chunks at the tail: start over
             self.stats.snapshots += 1
+            self.stats.last_snapshot_s = round(now - self._sync_started, 6)
             actions.append(SnapshotDone(self.peer_id, self.incarnation, end.cut_ms))
         if end.mode == MODE_SNAPSHOT:
             self.next_seq = end.upto_seq + 1
@@ -240,6 +243,7 @@ class Follower:
         self._sync_deadline = now + self.sync_timeout
         self._sync_mode = 0
         self._sync_from = from_seq
+        self._sync_started = now
         self._snap_next_chunk = 0
         self._snap_records = 0
         self.stats.syncs += 1
