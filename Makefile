@@ -5,7 +5,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
-APT_PACKAGES := python3-venv kamailio kamailio-extra-modules sip-tester redis-server redis-sentinel \
+APT_PACKAGES := python3-venv procps iputils-ping kamailio kamailio-extra-modules sip-tester \
+	redis-server redis-sentinel \
 	tshark nftables iproute2 tcpdump
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
