@@ -250,6 +250,8 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     keepalive = _parse_keepalive(data["keepalive"], proxy) if "keepalive" in data else None
     durability = _parse_durability(data["durability"]) if "durability" in data else None
     redis_cfg = _parse_redis(data["redis"]) if "redis" in data else None
+    if role is not None and role.redis_lease and redis_cfg is None:
+        raise ConfigError("role.redis_lease: needs a [redis] table (where the lease lives)")
 
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
@@ -307,6 +309,8 @@ def _parse_role(data: Any, n_peers: int) -> Any:
         hook_timeout_s=r.num("hook_timeout_s", d.hook_timeout_s, lo=0.1, hi=3600),
         vip=r.str("vip"),
         vip_interface=r.str("vip_interface"),
+        redis_lease=r.bool("redis_lease", False),
+        lease_ttl_ms=r.int("lease_ttl_ms", 3000, lo=100, hi=600_000),
     )
     if (settings.vip is None) != (settings.vip_interface is None):
         raise ConfigError("role.vip: vip and vip_interface go together")

@@ -112,10 +112,20 @@ class Daemon:
         if cfg.role is not None:
             # created before the first heartbeat leaves, so that it already says "starting"
             publisher = self.publisher
+            lease = None
+            if cfg.role.redis_lease:
+                from .persist.redis_backend import RedisSettings, connect_redis
+                from .role.redis_lease import RedisLease
+
+                rc = cfg.redis
+                client = connect_redis(RedisSettings(url=rc.url, sentinels=rc.sentinels,
+                                                     master_name=rc.master_name))
+                lease = RedisLease(client, f"sc:{{{rc.cluster}}}:lease", cfg.node_id,
+                                   ttl_ms=cfg.role.lease_ttl_ms)
             self.role_service = service = RoleService(
                 cfg.role, node_id=cfg.node_id, peer_id=cfg.peers[0].id,
                 state_dir=cfg.state_dir, set_epoch=publisher.set_epoch,
-                announce=publisher.heartbeat)
+                announce=publisher.heartbeat, lease=lease)
 
             def on_heartbeat(hb) -> None:
                 service.on_peer_heartbeat(hb.node_id, hb.epoch, hb.role)

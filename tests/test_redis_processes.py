@@ -56,3 +56,33 @@ def test_contacts_come_back_from_redis_and_redis_outage_degrades_only(tmp_path):
         finally:
             a.kill()
             b.kill()
+
+
+def test_role_lease_follows_the_active_node(tmp_path):
+    import signal
+
+    require_redis()
+    with RedisServer(tmp_path / "redis") as redis:
+        a, b = make_pair(tmp_path / "nodes")
+        role = ("[role]\nprimary = {p}\nwait_s = 1.0\nstartup_wait_s = 1.0\n"
+                "peer_timeout_s = 1.0\nheartbeat_max_age_s = 0.5\nbackoff_initial_s = 0.5\n"
+                "redis_lease = true\nlease_ttl_ms = 1500\n")
+        a.extra_toml = redis_toml(redis.url) + role.format(p="true")
+        b.extra_toml = redis_toml(redis.url) + role.format(p="false")
+        a.start()
+        b.start()
+        try:
+            wait_until(lambda: a.mi("sc_role")["state"] == "active"
+                       and not a.mi("sc_role")["failover_pending"]
+                       and b.mi("sc_role")["state"] == "passive", 15, what="settled")
+            assert a.mi("sc_role")["lease"]["held_epoch"] is not None
+            wait_until(lambda: b.mi("sc_role")["checkpoints"]["redis_lease"]["ok"] is True, 5,
+                       what="B's lease checkpoint sees A holding the lease")
+            a.kill(signal.SIGKILL)
+            # B may promote only once the heartbeat AND the lease say A is gone (ttl 1.5 s)
+            wait_until(lambda: b.mi("sc_role")["state"] == "active"
+                       and not b.mi("sc_role")["failover_pending"], 20, what="B took over")
+            assert b.mi("sc_role")["lease"]["held_epoch"] is not None
+        finally:
+            a.kill()
+            b.kill()

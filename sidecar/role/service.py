@@ -56,6 +56,8 @@ class RoleSettings:
     hook_timeout_s: float = 10.0
     vip: str | None = None
     vip_interface: str | None = None
+    redis_lease: bool = False  # hold a Redis lease while active (needs [redis])
+    lease_ttl_ms: int = 3000
 
 
 def load_epoch(state_dir: Path) -> int:
@@ -78,7 +80,8 @@ def save_epoch(state_dir: Path, epoch: int) -> None:
 
 class RoleService:
     def __init__(self, settings: RoleSettings, *, node_id: int, peer_id: int, state_dir: Path,
-                 set_epoch: Callable[[int], None], announce: Callable[[], None]) -> None:
+                 set_epoch: Callable[[int], None], announce: Callable[[], None],
+                 lease: Any = None) -> None:
         self.settings = settings
         self.state_dir = state_dir
         self._set_epoch = set_epoch  # publisher epoch (fencing token in every frame)
@@ -88,6 +91,14 @@ class RoleService:
         self.heartbeat = HeartbeatCheckpoint("heartbeat", max_age=settings.heartbeat_max_age_s,
                                              interval=0.2)
         extra = [build_checkpoint(spec) for spec in settings.checkpoints]
+        # A Redis lease (sidecar.role.redis_lease.RedisLease): the active node holds it, so a
+        # node can only take the role when the lease is free, and the peer's holding it is one
+        # more checkpoint saying "the active is alive".
+        self.lease = lease
+        if lease is not None:
+            from .redis_lease import LeaseCheckpoint
+
+            extra.append(LeaseCheckpoint("redis_lease", lease, interval=0.5))
         names = ("heartbeat", *(cp.name for cp in extra))
         self.arbiter = Arbiter(ArbiterConfig(
             node_id=node_id, peer_id=peer_id, primary=settings.primary, checkpoints=names,
@@ -110,6 +121,25 @@ class RoleService:
         self._set_epoch(self.arbiter.epoch)
         await self.runner.start()
         self._tasks.append(asyncio.create_task(self._ticks(), name="role-tick"))
+        if self.lease is not None:
+            self._tasks.append(asyncio.create_task(self._renew_lease(), name="role-lease"))
+
+    async def _renew_lease(self) -> None:
+        """While active, keep the lease. Lost to another node (expired and taken): step down.
+        Redis unreachable: stay active and say so (demoting would leave nobody serving)."""
+        from .redis_lease import LeaseError
+
+        while True:
+            await asyncio.sleep(self.lease.ttl_ms / 3000)
+            if not self.active or self.lease.epoch is None:
+                continue
+            try:
+                if not await self.lease.renew():
+                    self.last_error = "Redis lease taken by another node: stepping down"
+                    log.error("%s", self.last_error)
+                    self._schedule(self.arbiter.demote(self.clock()))
+            except LeaseError as exc:
+                self.last_error = f"Redis lease not renewed: {exc}"
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._pending]:
@@ -171,6 +201,9 @@ class RoleService:
             "address": self.vip.vip.with_prefixlen, "interface": self.vip.interface,
             "last": None if self.vip.last is None else self.vip.last.detail}
         st["last_error"] = self.last_error
+        if self.lease is not None:
+            st["lease"] = {"held_epoch": self.lease.epoch, "highest_seen": self.lease.highest_seen,
+                           "ttl_ms": self.lease.ttl_ms}
         return st
 
     # ------------------------------------------------------------ carrying out actions
@@ -197,6 +230,12 @@ class RoleService:
                             break
                 elif isinstance(a, BecomeActive):
                     self._epoch(a.epoch)
+                    if self.lease is not None:
+                        failure = await self._take_lease()
+                        if failure is not None:
+                            self.last_error = f"lease: {failure}"
+                            ok, detail = False, self.last_error
+                            break
                     if self.vip is not None:
                         try:
                             res = await self.vip.acquire()
@@ -216,6 +255,9 @@ class RoleService:
                     was_active = self.active
                     self.active = False
                     await self._switch(False)
+                    if self.lease is not None and self.lease.epoch is not None:
+                        with contextlib.suppress(Exception):
+                            await self.lease.release()
                     if self.vip is not None:
                         try:
                             res = await self.vip.release()
@@ -239,6 +281,17 @@ class RoleService:
                     # run after releasing the lock (the follow-up is a demotion)
                     self._schedule(follow)
             return ok
+
+    async def _take_lease(self) -> str | None:
+        from .redis_lease import LeaseError
+
+        try:
+            if await self.lease.acquire() is None:
+                holder = await self.lease.holder()
+                return f"held by node {holder.node if holder else '?'}"
+        except LeaseError as exc:
+            return str(exc)
+        return None
 
     def _epoch(self, epoch: int) -> None:
         self._set_epoch(epoch)
