@@ -63,3 +63,23 @@ def test_use_domain_keeps_the_full_aor():
     r = Replica(1, incarnation=10)
     apply_outcome(r, outcome([b("sip:a@1")]), use_domain=True)
     assert r.store.lookup_aor("alice@example.com")
+
+
+def test_concurrent_register_of_the_same_aor_is_not_deleted_by_an_older_2xx():
+    """Two phones of one AOR register at once; the registrar answers the first before it
+    stored the second, but that answer is seen last (two workers, mirror reordering). The
+    first 2xx does not list the second binding, which must survive: it was stored after the
+    first REGISTER arrived."""
+    r = Replica(1, incarnation=10)
+    second = outcome([b("sip:desk@1", own=False), b("sip:mobile@2")], callid="mob", t=NOW + 1)
+    second.request_time = NOW + 0.5
+    apply_outcome(r, second)
+    first = outcome([b("sip:desk@1")], callid="desk", t=NOW + 1.2)  # seen last
+    first.request_time = NOW + 0.4
+    c = apply_outcome(r, first)
+    assert c.deletes == 0
+    assert sorted(x[1] for x in r.store.lookup_aor("alice")) == ["sip:desk@1", "sip:mobile@2"]
+    # a later REGISTER's 2xx that still omits it does remove it
+    third = outcome([b("sip:desk@1")], callid="desk", cseq=2, t=NOW + 3)
+    third.request_time = NOW + 2.9
+    assert apply_outcome(r, third).deletes == 1

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.model import FLAG_NAT
 from sidecar.sip.parser import ContactHeader, SipRequest, SipResponse
@@ -111,6 +111,10 @@ class RegistrationOutcome:
     bindings: list[Binding]
     wildcard_removed: bool
     complete: bool = True
+    # When the REGISTER was seen. A binding stored after it may be missing from this 2xx only
+    # because a concurrent REGISTER of the same AOR was processed meanwhile (registrars run
+    # several workers, and mirrored replies can arrive out of order).
+    request_time: float | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -193,9 +197,11 @@ class RegistrationTracker:
             self.stats.duplicates += 1
             return []
         self._remember(emitted, now)
-        request, req_src, req_dst, _ = entry
+        request, req_src, req_dst, req_time = entry
         self.stats.outcomes += 1
-        return [self._outcome(request, req_src, req_dst, msg, now)]
+        outcome = self._outcome(request, req_src, req_dst, msg, now)
+        outcome.request_time = req_time
+        return [outcome]
 
     def expire(self, now: float) -> None:
         """Drop transactions and repeat-guards older than ``timeout`` seconds."""

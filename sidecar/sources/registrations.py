@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model import CALLID, CSEQ, ModelError, make_record, rec_bid
+from ..model import CALLID, CSEQ, LAST_MODIFIED, ModelError, make_record, rec_bid
 from ..replica import Replica
 from ..sip.registration import RegistrationOutcome, binding_flags
 
@@ -62,9 +62,13 @@ def apply_outcome(replica: Replica, outcome: RegistrationOutcome, *, use_domain:
         else:
             counts.stale += 1
     if outcome.complete:
+        # Only bindings stored before this REGISTER arrived can be judged by its 2xx: one
+        # stored later came from a concurrent REGISTER the registrar handled meanwhile.
+        cutoff = int((outcome.request_time if outcome.request_time is not None
+                      else outcome.time) * 1000)
         for rec in replica.store.lookup_aor(aor):
             bid = rec_bid(rec)
-            if bid in listed:
+            if bid in listed or rec[LAST_MODIFIED] >= cutoff:
                 continue
             # The delete must win over the stored version: this REGISTER's Call-ID/CSeq when
             # it is the same phone, otherwise the (newer) time of the 2xx decides.
