@@ -68,7 +68,8 @@ class ModelError(ValueError):
 
 
 def binding_id(uri: str, instance: str | None, reg_id: int) -> str:
-    """Second half of the binding key (the first is the AOR)."""
+    """Second half of the binding key (the first is the AOR). An empty instance counts as
+    none, as in :func:`make_record`; stored records use :func:`rec_bid`."""
     if instance:
         return f"{instance}{KEY_SEP}{reg_id}"
     return uri
@@ -188,11 +189,3 @@ def to_dict(rec: tuple) -> dict[str, Any]:
     out: dict[str, Any] = dict(zip(FIELD_NAMES, rec, strict=False))
     out["origin"] = handle_origin(rec[HANDLE])
     return out
-
-
-def from_dict(d: dict[str, Any]) -> tuple:
-    """Inverse of :func:`to_dict` (ignores ``origin``, which the handle already carries)."""
-    try:
-        return tuple(d[name] for name in FIELD_NAMES)
-    except KeyError as exc:
-        raise ModelError(f"missing contact field {exc.args[0]!r}") from None

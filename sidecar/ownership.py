@@ -29,7 +29,7 @@ from .keepalive.proxy_pinger import KamailioPinger, OpensipsPinger, ProxyPinging
 from .keepalive.scheduler import Drop, KeepaliveScheduler
 from .keepalive.sender import KeepaliveSender, ReplyReceiver, open_reply_socket
 from .keepalive.service import KeepaliveService
-from .model import CALLID, CSEQ, HANDLE, LAST_MODIFIED, rec_bid
+from .model import CALLID, CSEQ, HANDLE, LAST_MODIFIED, URI, rec_bid
 from .replica import Replica
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class Ownership:
         self.keeper: ProxyPingingKeeper | None = None
         self.service: KeepaliveService | None = None
         self.active = False
-        self.loaded: dict[tuple[str, str], tuple[int, int]] = {}  # key -> (handle, lm) loaded
+        # binding key -> (handle, last_modified, contact URI) of the version loaded
+        self.loaded: dict[tuple[str, str], tuple[int, int, str]] = {}
         self.load_stats = {"added": 0, "removed": 0, "errors": 0, "passes": 0}
         self.last_error = ""
         self._tasks: list[asyncio.Task] = []
@@ -199,7 +200,7 @@ class Ownership:
                 current[(rec[0], rec_bid(rec))] = rec
         delay = 1.0 / p.load_rate if p.load_rate > 0 else 0.0
         for key, rec in current.items():
-            version = (rec[HANDLE], rec[LAST_MODIFIED])
+            version = (rec[HANDLE], rec[LAST_MODIFIED], rec[URI])
             if self.loaded.get(key) == version:
                 continue
             await self.client.ul_add_record(rec, table=p.table)
@@ -208,15 +209,12 @@ class Ownership:
             if delay:
                 await asyncio.sleep(delay)
         for key in [k for k in self.loaded if k not in current]:
-            del self.loaded[key]
-            own = self.replica.store.get(*key)
-            if own is not None:
+            uri = self.loaded.pop(key)[2]
+            if self.replica.store.get(*key) is not None:
                 continue  # now an own-origin contact: the proxy holds it itself
             with contextlib.suppress(Exception):
-                uri = key[1] if "\x1f" not in key[1] else None
-                if uri is not None:
-                    await self.client.ul_rm_contact(p.table, key[0], uri)
-                    self.load_stats["removed"] += 1
+                await self.client.ul_rm_contact(p.table, key[0], uri)
+                self.load_stats["removed"] += 1
         self.load_stats["passes"] += 1
 
     def status(self) -> dict:

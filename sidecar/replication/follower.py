@@ -92,7 +92,6 @@ class Follower:
     max_buffered_changes: int = 2_000_000
     state: LinkState = LinkState.WAITING
     incarnation: int = 0  # publisher incarnation being followed
-    synced_incarnation: int = 0  # incarnation we completed a catch-up with at least once
     next_seq: int = 1
     last_epoch: int = 0
     peer_last_seq: int = 0
@@ -184,7 +183,6 @@ class Follower:
         # After a replay next_seq already stands after the last replayed batch; if the replay
         # fell short of upto_seq the drain below notices the hole and asks again.
         self.peer_last_seq = max(self.peer_last_seq, end.upto_seq)
-        self.synced_incarnation = self.incarnation
         self.state = LinkState.LIVE
         self._sync_mode = 0
         return actions + self._drain(now)

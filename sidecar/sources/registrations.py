@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model import CALLID, CSEQ, LAST_MODIFIED, ModelError, make_record, rec_bid
+from ..model import (
+    CALLID,
+    CSEQ,
+    LAST_MODIFIED,
+    ModelError,
+    binding_id,
+    make_record,
+    rec_bid,
+)
 from ..replica import Replica
 from ..sip.registration import RegistrationOutcome, binding_flags
 
@@ -38,7 +46,7 @@ def apply_outcome(replica: Replica, outcome: RegistrationOutcome, *, use_domain:
     lm = int(outcome.time * 1000)
     listed: set[str] = set()
     for b in outcome.bindings:
-        bid = b.uri if not b.instance else f"{b.instance}\x1f{b.reg_id}"
+        bid = binding_id(b.uri, b.instance, b.reg_id)
         listed.add(bid)
         if not b.own:
             if replica.store.get(aor, bid) is None:
