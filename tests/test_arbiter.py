@@ -529,3 +529,14 @@ def test_pair_scenario_kill_active_backup_takes_over_old_primary_stays_passive()
     pair.heard[1] = None
     pair.settle()
     assert p.state is State.PASSIVE and b.state is State.ACTIVE and p.epoch == 2
+
+
+def test_fencing_epoch_from_the_lease_only_raises_the_epoch():
+    a = make(initial_epoch=3)
+    assert a.adopt_fencing_epoch(9, "lease") == [EpochChanged(9, "lease")]
+    assert a.epoch == 9
+    assert a.adopt_fencing_epoch(5, "lease") == [] and a.epoch == 9  # never goes down
+    assert a.adopt_fencing_epoch("10", "lease") == [] and a.epoch == 9  # not an int
+    # the next promotion builds on the fencing epoch, not on the peer's older one
+    acts = a.on_peer_heartbeat(2, 4, ROLE_PASSIVE, 1.0)
+    assert "BecomeActive" in kinds(acts) and a.epoch == 10

@@ -272,6 +272,10 @@ async def test_lease_acquire_renew_expire_steal_and_stale_holder(server, client)
         epochs.append(await lease.acquire())
         assert await lease.release()
     assert epochs == [3, 4, 5, 6] and await a.current_epoch() == 6
+    # a node whose arbiter epoch is ahead of the counter lifts it (never reuses an epoch)
+    assert await a.acquire(min_epoch=20) == 20 and await a.current_epoch() == 20
+    assert await a.release()
+    assert await b.acquire(min_epoch=3) == 21  # a floor below the counter changes nothing
 
 
 async def _none(coro):

@@ -69,20 +69,27 @@ def test_role_lease_follows_the_active_node(tmp_path):
                 "redis_lease = true\nlease_ttl_ms = 1500\n")
         a.extra_toml = redis_toml(redis.url) + role.format(p="true")
         b.extra_toml = redis_toml(redis.url) + role.format(p="false")
+        import redis as redis_py
+
+        with redis_py.Redis.from_url(redis.url) as r:  # the fencing counter is ahead of the
+            r.set("sc:{test}:lease:epoch", 40)           # nodes' own epochs (fresh state dirs)
         a.start()
         b.start()
         try:
             wait_until(lambda: a.mi("sc_role")["state"] == "active"
                        and not a.mi("sc_role")["failover_pending"]
                        and b.mi("sc_role")["state"] == "passive", 15, what="settled")
-            assert a.mi("sc_role")["lease"]["held_epoch"] is not None
+            role_a = a.mi("sc_role")
+            # the lease's INCR is the fencing token: the arbiter adopted it as its epoch
+            assert role_a["lease"]["held_epoch"] == 41 and role_a["epoch"] == 41
             wait_until(lambda: b.mi("sc_role")["checkpoints"]["redis_lease"]["ok"] is True, 5,
                        what="B's lease checkpoint sees A holding the lease")
             a.kill(signal.SIGKILL)
             # B may promote only once the heartbeat AND the lease say A is gone (ttl 1.5 s)
             wait_until(lambda: b.mi("sc_role")["state"] == "active"
                        and not b.mi("sc_role")["failover_pending"], 20, what="B took over")
-            assert b.mi("sc_role")["lease"]["held_epoch"] is not None
+            role_b = b.mi("sc_role")
+            assert role_b["lease"]["held_epoch"] == role_b["epoch"] == 42
         finally:
             a.kill()
             b.kill()

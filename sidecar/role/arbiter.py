@@ -472,6 +472,16 @@ class Arbiter:
                                       f"(node {peer} is {self.peer.role})")
         return []
 
+    def adopt_fencing_epoch(self, epoch: int, reason: str) -> list:
+        """Raise the epoch to a fencing token handed out elsewhere (the Redis lease's INCR
+        counter) so the epoch in every frame is the lease's: a stale holder whose lease
+        expired then carries a lower epoch than the node that took the lease over. Epochs
+        never go down, so a lower token changes nothing."""
+        if type(epoch) is not int or epoch <= self.epoch:
+            return []
+        self.epoch = epoch
+        return [EpochChanged(epoch, reason)]
+
     def _promote(self, now: float, reason: str) -> list:
         self.epoch = max(self.epoch, self.peer.epoch) + 1
         self.state = State.ACTIVE

@@ -26,8 +26,10 @@ from redis import exceptions as rexc
 
 from .checkpoints import Checkpoint, CheckpointConfigError, ProbeResult
 
-# KEYS: lease, epoch. ARGV: node id, ttl ms. Returns the epoch held afterwards, or nil.
-# A free key: INCR the epoch and SET value NX PX. Already ours: extend and keep the epoch.
+# KEYS: lease, epoch. ARGV: node id, ttl ms, lowest acceptable epoch. Returns the epoch held
+# afterwards, or nil. A free key: INCR the epoch (raised to ARGV[3] when the counter is behind,
+# e.g. a node whose arbiter epochs predate the lease) and SET value NX PX. Already ours: extend
+# and keep the epoch.
 _ACQUIRE_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -39,6 +41,11 @@ if cur then
   return false
 end
 local e = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[3]) or 0
+if floor > e then
+  redis.call('SET', KEYS[2], floor)
+  e = floor
+end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. e, 'NX', 'PX', ARGV[2])
 return e
 """
@@ -124,11 +131,14 @@ class RedisLease:
         except _TRANSIENT as exc:
             raise LeaseError("unreachable", f"{what} {self.key}: {exc}") from None
 
-    async def acquire(self) -> int | None:
+    async def acquire(self, min_epoch: int = 0) -> int | None:
         """Take the lease if free (or extend it if already ours). Returns our epoch, or None
-        when another node holds it."""
+        when another node holds it. A fresh lease gets an epoch of at least ``min_epoch`` (the
+        arbiter's promotion epoch), so the Redis counter and the arbiter never disagree about
+        which epoch is the newest: the role service then adopts the lease epoch as its own."""
         got = await self._call("acquire", self._acquire(keys=[self.key, self.epoch_key],
-                                                        args=[self.node, self.ttl_ms]))
+                                                        args=[self.node, self.ttl_ms,
+                                                              int(min_epoch)]))
         if got is None:
             self.epoch = None
             await self.holder()  # remember the other holder's epoch

@@ -231,11 +231,14 @@ class RoleService:
                 elif isinstance(a, BecomeActive):
                     self._epoch(a.epoch)
                     if self.lease is not None:
-                        failure = await self._take_lease()
+                        failure = await self._take_lease(a.epoch)
                         if failure is not None:
                             self.last_error = f"lease: {failure}"
                             ok, detail = False, self.last_error
                             break
+                        if self.arbiter.adopt_fencing_epoch(
+                                self.lease.epoch, "Redis lease epoch (fencing token)"):
+                            self._epoch(self.arbiter.epoch)
                     if self.vip is not None:
                         try:
                             res = await self.vip.acquire()
@@ -249,7 +252,7 @@ class RoleService:
                             break
                     self.active = True
                     await self._switch(True)
-                    log.warning("ACTIVE at epoch %d (%s)", a.epoch, a.reason)
+                    log.warning("ACTIVE at epoch %d (%s)", self.arbiter.epoch, a.reason)
                     self._announce()
                 elif isinstance(a, BecomePassive):
                     was_active = self.active
@@ -282,11 +285,11 @@ class RoleService:
                     self._schedule(follow)
             return ok
 
-    async def _take_lease(self) -> str | None:
+    async def _take_lease(self, epoch: int) -> str | None:
         from .redis_lease import LeaseError
 
         try:
-            if await self.lease.acquire() is None:
+            if await self.lease.acquire(min_epoch=epoch) is None:
                 holder = await self.lease.holder()
                 return f"held by node {holder.node if holder else '?'}"
         except LeaseError as exc:
