@@ -234,8 +234,11 @@ class Vip:
         return sent
 
     async def acquire(self) -> VipResult:
+        started = time.perf_counter()
         self.last = res = await self._acquire()
-        (log.info if res.ok else log.error)("%r acquire: %s", self, res.detail)
+        # the duration is what a failover timeline needs (probe + add + gratuitous ARPs)
+        (log.warning if res.ok else log.error)("%r acquire in %.3fs: %s", self, time.perf_counter()
+                                               - started, res.detail)
         return res
 
     async def release(self) -> VipResult:
