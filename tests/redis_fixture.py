@@ -247,3 +247,120 @@ class SentinelSet:
         if self.replica is not None:
             self.replica.stop()
         self.master.stop()
+
+
+REDIS_CLI_BIN = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def require_redis_cli() -> None:
+    require_redis()
+    if not Path(REDIS_CLI_BIN).exists():
+        pytest.skip(f"{REDIS_CLI_BIN} not installed (apt-get install redis-tools)")
+
+
+def distinct_ports(n: int) -> list[int]:
+    """*n* ports the kernel just handed out, held open together so they all differ."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class ClusterMaster(RedisServer):
+    """One ``--cluster-enabled`` redis-server. Its cluster config file (node id, slots) lives
+    in its own directory and survives :meth:`stop`, so :meth:`start` on the same port rejoins
+    the cluster with the same slots (and, persistence being off, no data)."""
+
+    def __init__(self, directory: Path, name: str, node_timeout_ms: int, port: int,
+                 bus_port: int) -> None:
+        super().__init__(directory, port=port, name=name)
+        self.node_timeout_ms = node_timeout_ms
+        # the bus port defaults to port + 10000, which may be taken or above 65535
+        self.bus_port = bus_port
+
+    def start(self) -> ClusterMaster:
+        require_redis()
+        argv = [REDIS_BIN, "--port", str(self.port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+                "--protected-mode", "no", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.dir / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-port", str(self.bus_port)]
+        self._spawn(argv)
+        try:
+            self._wait_ping()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
+class RedisClusterSet:
+    """A real Redis Cluster of *masters* masters (no replicas) on 127.0.0.1 free ports.
+
+    Created with ``redis-cli --cluster create``; ready once every master reports
+    ``cluster_state:ok``. A short ``cluster-node-timeout`` makes a stopped master count as
+    failed (and a restarted one as back) within a few seconds, so outage tests stay fast.
+    """
+
+    def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        self.dir = Path(directory)
+        ports = distinct_ports(2 * masters)
+        self.masters = [ClusterMaster(self.dir, f"master{i}", node_timeout_ms,
+                                      ports[2 * i], ports[2 * i + 1])
+                        for i in range(masters)]
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        return [(HOST, m.port) for m in self.masters]
+
+    @property
+    def node_strings(self) -> list[str]:
+        return [f"{HOST}:{m.port}" for m in self.masters]
+
+    def __enter__(self) -> RedisClusterSet:
+        require_redis_cli()
+        try:
+            for m in self.masters:
+                m.start()
+            out = subprocess.run(
+                [REDIS_CLI_BIN, "--cluster", "create", *self.node_strings,
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: "
+                                   f"{(out.stdout + out.stderr).decode()[-2000:]}")
+            self.wait_ok()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def state_ok(self, port: int) -> bool:
+        return b"cluster_state:ok" in command(port, "CLUSTER", "INFO")
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Every running master says cluster_state:ok and knows all masters' slots."""
+        def ok() -> bool:
+            return all(self.state_ok(m.port) for m in self.masters if m.running)
+        wait_until(ok, timeout, "cluster_state:ok on every master", poll=0.05)
+
+    def stop_master(self, i: int) -> None:
+        self.masters[i].stop()
+
+    def start_master(self, i: int) -> None:
+        self.masters[i].start()
+
+    def dbsize(self, i: int) -> int:
+        reply = command(self.masters[i].port, "DBSIZE")
+        return int(reply[1:].strip())
+
+    def __exit__(self, *exc: object) -> None:
+        for m in self.masters:
+            m.stop()
