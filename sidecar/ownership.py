@@ -11,6 +11,9 @@ local proxy.
 * ``[proxy] load``: replicated contacts are written into the local proxy with ``ul.add`` —
   continuously (``warm``: the standby's proxy already holds every contact when it takes over)
   or at promotion (``on_promotion``). Loading never makes the standby ping: its pinger is off.
+  ``load_method = "register"`` writes them losslessly instead, by replaying each contact as a
+  REGISTER to the proxy's replay route (:mod:`sidecar.proxy.replay_client`), several in
+  flight at once; removals still go over RPC/MI.
 
 The role service calls :meth:`Ownership.switch` on every role change.
 """
@@ -30,6 +33,7 @@ from .keepalive.scheduler import Drop, KeepaliveScheduler
 from .keepalive.sender import KeepaliveSender, ReplyReceiver, open_reply_socket
 from .keepalive.service import KeepaliveService
 from .model import CALLID, CSEQ, HANDLE, LAST_MODIFIED, URI, rec_bid
+from .proxy.kamailio_dump import ProxyRpcError
 from .replica import Replica
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,10 @@ class ProxySettings:
     load_interval_s: float = 2.0
     load_rate: float = 2000.0  # ul.add calls per second at most
     timeout_s: float = 5.0
+    load_method: str = "rpc"  # rpc (ul.add / ul_add) | register (REGISTER replay)
+    replay_target: tuple[str, int] = ("127.0.0.1", 5060)  # UDP IP:PORT of the replay route
+    replay_source: str = "127.0.0.1"  # address replays are sent from (the proxy trusts it)
+    replay_window: int = 64  # replay transactions in flight at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,18 @@ def make_proxy_client(p: ProxySettings) -> Any:
     return OpensipsMi(url=p.rpc_url, fifo_path=p.fifo, timeout=p.timeout_s)
 
 
+def make_loader(p: ProxySettings, client: Any, node_id: int) -> Any:
+    """What the loader writes contacts with: the RPC/MI client itself (``load_method =
+    "rpc"``), or a REGISTER-replay adapter that delegates removals to it."""
+    if p.load_method != "register":
+        return client
+    from .proxy.replay_client import RegisterReplayClient
+
+    return RegisterReplayClient(client, target=p.replay_target, source_ip=p.replay_source,
+                                node_id=node_id, window=p.replay_window,
+                                timeout_s=p.timeout_s)
+
+
 class Ownership:
     def __init__(self, replica: Replica, kick, proxy: ProxySettings | None,
                  keepalive: KeepaliveSettings | None) -> None:
@@ -80,12 +100,16 @@ class Ownership:
         self.proxy_settings = proxy
         self.ka = keepalive or KeepaliveSettings(mode="off")
         self.client = make_proxy_client(proxy) if proxy is not None else None
+        self.loader = (make_loader(proxy, self.client, replica.node_id)
+                       if proxy is not None else None)
         self.keeper: ProxyPingingKeeper | None = None
         self.service: KeepaliveService | None = None
         self.active = False
         # binding key -> (handle, last_modified, contact URI) of the version loaded
         self.loaded: dict[tuple[str, str], tuple[int, int, str]] = {}
-        self.load_stats = {"added": 0, "removed": 0, "errors": 0, "passes": 0}
+        self.load_stats = {"added": 0, "removed": 0, "errors": 0, "passes": 0, "rejected": 0}
+        # binding key -> version the proxy refused (4xx to a replay): not retried until it changes
+        self.rejected: dict[tuple[str, str], tuple[int, int, str]] = {}
         self.last_error = ""
         self._tasks: list[asyncio.Task] = []
         self._load_now = asyncio.Event()
@@ -129,6 +153,9 @@ class Ownership:
                 await t
         if self.service is not None:
             await self.service.stop()
+        if self.loader is not None and self.loader is not self.client:
+            with contextlib.suppress(Exception):
+                await self.loader.close()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
@@ -199,15 +226,22 @@ class Ownership:
             if (not self.active or rec[HANDLE] >> 56 != node) and (rec[5] == 0 or rec[5] > now):
                 current[(rec[0], rec_bid(rec))] = rec
         delay = 1.0 / p.load_rate if p.load_rate > 0 else 0.0
-        for key, rec in current.items():
-            version = (rec[HANDLE], rec[LAST_MODIFIED], rec[URI])
-            if self.loaded.get(key) == version:
-                continue
-            await self.client.ul_add_record(rec, table=p.table)
-            self.loaded[key] = version
-            self.load_stats["added"] += 1
-            if delay:
-                await asyncio.sleep(delay)
+        loader = self.loader if self.loader is not None else self.client
+        window = getattr(loader, "window", 1)
+        if window > 1:
+            await self._load_concurrently(loader, current, window, delay, p.table)
+        else:
+            for key, rec in current.items():
+                version = (rec[HANDLE], rec[LAST_MODIFIED], rec[URI])
+                if self.loaded.get(key) == version:
+                    continue
+                await loader.ul_add_record(rec, table=p.table)
+                self.loaded[key] = version
+                self.load_stats["added"] += 1
+                if delay:
+                    await asyncio.sleep(delay)
+        for key in [k for k in self.rejected if k not in current]:
+            del self.rejected[key]
         for key in [k for k in self.loaded if k not in current]:
             uri = self.loaded.pop(key)[2]
             if self.replica.store.get(*key) is not None:
@@ -216,6 +250,66 @@ class Ownership:
                 await self.client.ul_rm_contact(p.table, key[0], uri)
                 self.load_stats["removed"] += 1
         self.load_stats["passes"] += 1
+
+    async def _load_concurrently(self, loader: Any, current: dict[tuple[str, str], tuple],
+                                 window: int, delay: float, table: str) -> None:
+        """Load what the proxy lacks with up to ``window`` loads in flight (REGISTER replay),
+        started at most ``load_rate`` per second.
+
+        A contact the proxy refuses (a final non-2xx other than 403) is counted, logged and
+        skipped until its version changes; a 5xx is retried next pass. No answer at all, or
+        403 (this node is not trusted: a config error), stops the pass and raises like a
+        failed ``ul.add``; loads already in flight finish first.
+        """
+        slots = asyncio.Semaphore(window)
+        fatal: list[BaseException] = []
+
+        async def load_one(key: tuple[str, str], rec: tuple,
+                           version: tuple[int, int, str]) -> None:
+            try:
+                await loader.ul_add_record(rec, table=table)
+            except ProxyRpcError as exc:
+                if exc.code is None or exc.code == 403:
+                    fatal.append(exc)
+                    return
+                self.load_stats["errors"] += 1
+                self.load_stats["rejected"] += 1
+                self.last_error = f"proxy load: {exc}"
+                log.warning("%s", self.last_error)
+                if exc.code < 500:
+                    self.rejected[key] = version
+                return
+            except Exception as exc:  # the proxy is unreachable: end the pass
+                fatal.append(exc)
+                return
+            finally:
+                slots.release()
+            self.loaded[key] = version
+            self.load_stats["added"] += 1
+
+        tasks: list[asyncio.Task] = []
+        started = time.monotonic()
+        try:
+            for key, rec in current.items():
+                version = (rec[HANDLE], rec[LAST_MODIFIED], rec[URI])
+                if self.loaded.get(key) == version or self.rejected.get(key) == version:
+                    continue
+                await slots.acquire()
+                if fatal:
+                    slots.release()
+                    break
+                tasks.append(asyncio.create_task(load_one(key, rec, version)))
+                # Pace against the clock, not per call: a sleep of a fraction of a millisecond
+                # costs more than that, which would cap the rate far below load_rate.
+                ahead = started + len(tasks) * delay - time.monotonic()
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if fatal:
+            raise fatal[0]
 
     def status(self) -> dict:
         out: dict[str, Any] = {"mode": self.ka.mode, "active": self.active,
@@ -226,5 +320,7 @@ class Ownership:
             out["sidecar_pings"] = self.service.snapshot()
         if self.proxy_settings is not None:
             out["proxy_load"] = {"mode": self.proxy_settings.load, "loaded": len(self.loaded),
-                                 **self.load_stats}
+                                 "method": self.proxy_settings.load_method, **self.load_stats}
+            if self.loader is not None and hasattr(self.loader, "snapshot"):
+                out["proxy_load"]["replay"] = self.loader.snapshot()
         return out

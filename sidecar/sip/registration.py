@@ -36,6 +36,11 @@ wildcard_removed, complete)``
     describe it. Bindings with ``own=False`` belong to the AOR's other devices; the registrar
     lists them in every 2xx, so the consumer should confirm they still exist and keep what it
     already knows about them (their own Call-ID, NAT address, ...).
+``REPLAY_BRANCH_PREFIX``
+    Top-Via branch prefix of the REGISTERs the sidecar itself replays into its proxy
+    (:mod:`sidecar.proxy.register_replay`). The tracker ignores such requests and their
+    replies (``stats.replayed_ignored``): they load a peer's contacts into the standby's proxy,
+    and publishing them as this node's own would loop them back.
 ``binding_flags(outcome, binding) -> int``
     ``model.FLAG_NAT`` for an own binding of a NATed registration, else 0.
 ``methods_bitmask(text) -> int | None``
@@ -63,6 +68,7 @@ __all__ = [
     "DEFAULT_MAX_PENDING",
     "DEFAULT_TIMEOUT",
     "METHOD_BITS",
+    "REPLAY_BRANCH_PREFIX",
     "Binding",
     "RegistrationOutcome",
     "RegistrationTracker",
@@ -78,6 +84,10 @@ Address = tuple[str, str, int]  # (proto, ip, port), proto lower-case: udp, tcp,
 DEFAULT_TIMEOUT = 32.0  # RFC 3261 Timer F = 64 * T1
 DEFAULT_MAX_PENDING = 100_000
 DEFAULT_EXPIRES = 3600
+# Every replay REGISTER (and so its reply) has a top Via branch starting with this. The
+# X-SC-Replay header says the same, but the parser does not keep unknown headers, and the
+# branch is part of the transaction key anyway, so requests and replies are told apart alike.
+REPLAY_BRANCH_PREFIX = "z9hG4bKscreplay-"
 
 # Method bits as Kamailio and OpenSIPS store them in usrloc (both inherit SER's enum).
 METHOD_BITS = {
@@ -127,6 +137,7 @@ class TrackerStats:
     unmatched_responses: int = 0  # final response with no REGISTER on record
     dropped_timeout: int = 0  # REGISTERs never answered within the timeout
     dropped_overflow: int = 0  # REGISTERs evicted because max_pending was reached
+    replayed_ignored: int = 0  # the sidecar's own replay REGISTERs and their replies
 
 
 class RegistrationTracker:
@@ -167,7 +178,11 @@ class RegistrationTracker:
         self.expire(now)
         if msg.cseq_method != "REGISTER":
             return []
-        key = (msg.call_id, msg.cseq, msg.via_branch or "")
+        branch = msg.via_branch or ""
+        if branch.startswith(REPLAY_BRANCH_PREFIX):
+            self.stats.replayed_ignored += 1
+            return []
+        key = (msg.call_id, msg.cseq, branch)
         if isinstance(msg, SipRequest):
             if key in self._pending or key in self._finished:
                 self.stats.duplicates += 1

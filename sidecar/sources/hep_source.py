@@ -320,6 +320,7 @@ class HepSource:
             "unknown_other_bindings": o.unknown_other_bindings,
             "rejected": t.rejected, "duplicates": t.duplicates,
             "unmatched_responses": t.unmatched_responses,
+            "replayed_ignored": t.replayed_ignored,
             "drops": t.dropped_timeout + t.dropped_overflow, "pending": self.tracker.pending,
             "tcp_connections": c.tcp_connections, "tcp_open": len(self._streams),
             "tcp_dropped": c.tcp_dropped, "tcp_refused": c.tcp_refused,

@@ -17,7 +17,10 @@ What one reconcile does (:func:`reconcile`, no I/O):
   peer's contacts are never deleted here: a standby's proxy not holding them is normal;
 * contacts Kamailio marks ``loaded_by_rpc`` were warm-loaded by a sidecar (``ul.add``): they
   are copies of someone's registration, not registrations this proxy received, so they are
-  neither taken over nor treated as missing;
+  neither taken over nor treated as missing. The same goes for contacts carrying the
+  ``copy_bflag`` branch flag: kamailio-cfg's ``route[REPLAY]`` sets it on every contact a
+  sidecar loaded by REGISTER replay (which otherwise looks exactly like a registration); a
+  phone's own re-REGISTER clears it, and from then on the contact is this proxy's;
 * a binding whose stored version changed after the dump started is left alone for the same
   reason (the dump may predate the change).
 
@@ -34,6 +37,7 @@ Settings (``[[sources]]`` table)::
     table = "location"
     timeout_s = 30                          # a dump of 30,000 contacts takes ~4 s
     nat_bflag = 6                           # branch flag that marks NATed contacts
+    copy_bflag = 8                          # branch flag of REGISTER-replayed copies
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 from ..model import (
     AOR,
     CALLID,
+    CFLAGS,
     CSEQ,
     EXPIRES,
     FLAG_NAT,
@@ -84,6 +89,7 @@ class KamailioSettings:
     table: str = "location"
     timeout_s: float = 30.0
     nat_bflag: int = 6
+    copy_bflag: int = 8  # kamailio-cfg FLB_SC_COPY: set by route[REPLAY] on replayed copies
     name: str = "kamailio"
 
 
@@ -111,6 +117,7 @@ def parse_settings(section: Any, base: Path) -> KamailioSettings:
         table=table,
         timeout_s=section.num("timeout_s", d.timeout_s, lo=0.1, hi=3600),
         nat_bflag=section.int("nat_bflag", d.nat_bflag, lo=0, hi=31),
+        copy_bflag=section.int("copy_bflag", d.copy_bflag, lo=0, hi=31),
         name=section.str("name", d.name) or d.name,
     )
 
@@ -131,6 +138,7 @@ class ReconcileCounts:
     stale: int = 0  # the replica refused the version (it holds a newer one)
     newer_here: int = 0  # changed after the dump started: left alone
     loaded_by_rpc: int = 0  # warm-loaded copies: skipped
+    replayed_copies: int = 0  # REGISTER-replayed copies (copy_bflag set): skipped
     invalid: int = 0  # contacts that cannot become records
 
     def add(self, other: ReconcileCounts) -> None:
@@ -168,7 +176,8 @@ def dump_clock(started: float, finished: float) -> int:
 def reconcile(replica: Replica, contacts: list[dict[str, Any]], *, dump_start_ms: int,
               table: str = "location", use_domain: bool = False,
               nat_bflag_mask: int = 1 << 6, tolerance_s: float = EXPIRES_TOLERANCE_S,
-              now: float | None = None, deletes: bool = True) -> ReconcileCounts:
+              now: float | None = None, deletes: bool = True,
+              copy_bflag_mask: int = 1 << 8) -> ReconcileCounts:
     """Make this node's own contacts in ``replica`` equal ``contacts`` (a parsed ``ul.dump``
     started at ``dump_start_ms``); see the module docstring for the rules. No I/O."""
     counts = ReconcileCounts()
@@ -190,6 +199,9 @@ def reconcile(replica: Replica, contacts: list[dict[str, Any]], *, dump_start_ms
         present.add((aor, bid))
         if c.get("loaded_by_rpc"):
             counts.loaded_by_rpc += 1
+            continue
+        if rec[CFLAGS] & copy_bflag_mask:
+            counts.replayed_copies += 1
             continue
         old = store.get(aor, bid)
         if old is not None:
@@ -299,7 +311,7 @@ class KamailioSource:
                 table=self.settings.table, use_domain=self.settings.use_domain,
                 nat_bflag_mask=1 << self.settings.nat_bflag,
                 tolerance_s=EXPIRES_TOLERANCE_S + math.ceil(dumped - started),
-                deletes=self.ctx.is_active())
+                deletes=self.ctx.is_active(), copy_bflag_mask=1 << self.settings.copy_bflag)
             if counts.puts or counts.refreshes or counts.deletes:
                 self.ctx.kick()
             self.totals.add(counts)
@@ -320,6 +332,7 @@ class KamailioSource:
             "reconciles": self.reconciles, "contacts_seen": t.contacts_seen, "puts": t.puts,
             "refreshes": t.refreshes, "deletes": t.deletes, "unchanged": t.unchanged,
             "stale": t.stale, "newer_here": t.newer_here, "loaded_by_rpc": t.loaded_by_rpc,
+            "replayed_copies": t.replayed_copies,
             "invalid": t.invalid, "errors": self.errors,
             "last_duration_s": self.last_duration_s, "last_dump_s": self.last_dump_s,
             "last_error": self.last_error,

@@ -31,6 +31,13 @@ empty) are this node's to publish; the rest are ignored (``peer_copies_ignored``
 sidecar publishes them. The reconcile touches only bindings this node originated *and* whose
 socket is local, so it never removes what another source or a peer stored.
 
+Replayed copies: a sidecar that loads its peer's contacts into this OpenSIPS by REGISTER replay
+(``[proxy] load_method = "register"``, opensips-cfg ``route[SC_REPLAY]``) makes OpenSIPS raise
+ordinary events for them, on a local socket. The replay route marks them with the branch flag
+``copy_flag_name`` (default ``SC_COPY``; list its bit in ``flag_bits``); events and MI contacts
+carrying it are ignored (``replayed_copies_ignored``), or a standby would publish its peer's
+contacts as its own. A re-REGISTER from the phone clears the flag.
+
 Duplicates: subscribing both transports delivers every event twice, possibly far apart (the
 event_stream sender lags under load). An event equal to what we hold is dropped, and a
 put for a binding we deleted moments ago with the same Call-ID and no higher CSeq is a late
@@ -145,6 +152,7 @@ class OpensipsSettings:
     nat_bflag_mask: int = 1
     nat_flag_name: str = "NAT"
     flag_bits: tuple[tuple[str, int], ...] = ()
+    copy_flag_name: str = "SC_COPY"  # branch flag of REGISTER-replayed copies (in flag_bits)
     table: str = "location"
     reconcile_interval_s: float = 3600.0
     show_contact_rate: float = 200.0
@@ -237,6 +245,7 @@ def parse_settings(section: Section, base: Path) -> OpensipsSettings:
         nat_bflag_mask=section.int("nat_bflag_mask", d.nat_bflag_mask, lo=0, hi=(1 << 63) - 1),
         nat_flag_name=section.str("nat_flag_name", d.nat_flag_name) or d.nat_flag_name,
         flag_bits=_flag_bits(section, "flag_bits"),
+        copy_flag_name=section.str("copy_flag_name", d.copy_flag_name) or d.copy_flag_name,
         table=section.str("table", d.table) or d.table,
         reconcile_interval_s=section.num("reconcile_interval_s", d.reconcile_interval_s,
                                          lo=0, hi=30 * 86400),
@@ -264,6 +273,7 @@ class OpensipsSourceStats:
     stream_connections: int = 0
     parse_errors: int = 0
     peer_copies_ignored: int = 0
+    replayed_copies_ignored: int = 0  # events of contacts a sidecar loaded by REGISTER replay
     ignored: int = 0  # AOR_INSERT, LATENCY_UPDATE, REFRESH ini-INVITE, other tables
     duplicates: int = 0  # second copy of an event we already applied
     puts: int = 0
@@ -354,6 +364,7 @@ class OpensipsSource:
         self.cflag_mask = 0
         for bit in bits.values():
             self.cflag_mask |= bit
+        self.copy_mask = bits.get(settings.copy_flag_name, 0)
         self.mi = (OpensipsMi(url=settings.mi_url, timeout=settings.mi_timeout_s)
                    if settings.mi_url else
                    OpensipsMi(fifo_path=settings.mi_fifo, reply_dir=settings.mi_reply_dir,
@@ -560,6 +571,8 @@ class OpensipsSource:
             self._on_aor_delete(ev.aor)
         elif is_peer_copy(ev, self.local_sockets):
             st.peer_copies_ignored += 1
+        elif ev.bflags & self.copy_mask:
+            st.replayed_copies_ignored += 1
         elif kind == "put":
             self._on_put(ev)
         elif kind == "delete":
@@ -869,6 +882,9 @@ class OpensipsSource:
                 self._parse_error(f"MI ul_show_contact {aor!r}: {exc}")
                 continue
             if rec is not None and self._local(rec[SOCKET]):
+                if rec[CFLAGS] & self.copy_mask:
+                    self.stats.replayed_copies_ignored += 1
+                    continue
                 theirs[rec[URI]] = rec
         st = self.stats
         for uri, rec in theirs.items():
