@@ -31,6 +31,7 @@ from .model import (
     now_ms,
     rec_bid,
 )
+from .replication.antientropy import RepairPlan, RepairResult
 from .replication.outbox import Outbox
 from .replication.wire import BatchHeader, WireError, check_change
 from .store import ContactStore
@@ -50,6 +51,7 @@ class ReplicaStats:
     remote_applied: int = 0
     bad_changes: int = 0
     pruned: int = 0
+    repaired: int = 0  # records put or dropped by anti-entropy repairs
 
 
 class Replica:
@@ -204,6 +206,52 @@ class Replica:
             self.store.drop(r)
         self.stats.pruned += len(doomed)
         return len(doomed)
+
+    def repair_origin(self, origin: int, plan: RepairPlan) -> RepairResult:
+        """Apply an anti-entropy repair of *origin*'s records (replication/antientropy.py).
+
+        The plan was made against this store's state at the origin's cut; whatever changed
+        here since then is left alone (compare-and-set per binding), because the live stream
+        or a local change has brought something newer than the repair knows about.
+
+        Authority: the origin is authoritative for versions it made, so a differing version
+        *of the origin* held here is replaced outright, even if ``wins`` would prefer it (it
+        cannot be newer than the origin's own table at the cut). Against a version of
+        another origin, or a tombstone, the repair goes through the normal conflict rule:
+        that version may be a newer change still on its way to the origin. Removals drop the
+        record without a tombstone, like :meth:`prune_origin`.
+
+        Like every replicated change, nothing here is queued in the outbox (no loops); puts
+        go to the journal as ``apply_remote`` and ``apply_snapshot`` do, drops do not (as
+        with pruning).
+        """
+        store = self.store
+        journal = self.journal
+        res = RepairResult()
+        for rec, expected in plan.puts:
+            cur = store.get(rec[AOR], rec[URI] if rec[INSTANCE] is None else rec_bid(rec))
+            if cur is not None and handle_origin(cur[HANDLE]) == origin:
+                if cur != expected:
+                    res.changed += 1
+                    continue
+                store.drop(cur)
+            elif expected is not None:
+                res.changed += 1
+                continue
+            store.last_put = None
+            if store.put(rec):
+                res.put += 1
+                if journal is not None and store.last_put is not None:
+                    journal.record_put(store.last_put)
+            else:
+                res.refused += 1
+        for rec in plan.drops:
+            if store.drop(rec):
+                res.dropped += 1
+            else:
+                res.changed += 1
+        self.stats.repaired += res.put + res.dropped
+        return res
 
     def _bad(self, exc: WireError) -> None:
         self.stats.bad_changes += 1

@@ -21,6 +21,12 @@ DECODERS = {
     "SNAP": wire.decode_snapshot_chunk,
     "END": wire.decode_sync_end,
     "ERR": wire.decode_error,
+    # anti-entropy (PROTOCOL §15; more in tests/test_antientropy.py)
+    "DIGREQ": wire.decode_digest_request,
+    "BKTREQ": wire.decode_bucket_request,
+    "CUT": wire.decode_cut,
+    "DIGEST": wire.decode_digest,
+    "BUCKETS": wire.decode_buckets,
 }
 
 

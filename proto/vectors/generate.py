@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 
-from sidecar.replication import wire
+from sidecar.replication import antientropy, wire
 
 HERE = Path(__file__).parent
 H1 = (1 << 56) | (1795000000 << 24) | 1
@@ -46,6 +46,24 @@ VECTORS = {
     "error_version": (wire.ERROR, wire.encode_error(wire.ERR_VERSION,
                                                    "sync request: protocol version 2, want 1")),
 }
+
+# Anti-entropy (PROTOCOL §15): 8 buckets keep the vectors small; the digest pins the bucket
+# function (CRC-32 of the binding key) and the record hash (blake2b-8 of the msgpack record).
+AE_BUCKETS = 8
+AE_DIGEST = antientropy.compute_digest([CONTACT_NAT, CONTACT_OUTBOUND], 1, AE_BUCKETS,
+                                       horizon_s=1795000008)
+AE_NAT_BUCKET = antientropy.record_bucket(CONTACT_NAT, AE_BUCKETS)
+VECTORS.update({
+    "digest_request": (wire.DIGEST_REQUEST, wire.encode_digest_request(2, 1795000000, 9,
+                                                                       AE_BUCKETS)),
+    "cut": (wire.CUT, wire.encode_cut(1795000000, 105, 9, 1795000003000, 1795000008)),
+    "digest": (wire.DIGEST, wire.encode_digest(1795000000, 105, 9, AE_DIGEST.counts,
+                                               AE_DIGEST.sums)),
+    "bucket_request": (wire.BUCKET_REQUEST, wire.encode_bucket_request(
+        2, 1795000000, 10, AE_BUCKETS, [AE_NAT_BUCKET])),
+    "buckets": (wire.BUCKETS, wire.encode_buckets(1795000000, 105, 10, AE_BUCKETS,
+                                                  [AE_NAT_BUCKET], [CONTACT_NAT])),
+})
 
 
 def to_json(obj):

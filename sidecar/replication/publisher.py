@@ -1,4 +1,5 @@
-"""asyncio adapter: publishes this node's batches and heartbeats, and serves catch-up requests.
+"""asyncio adapter: publishes this node's batches and heartbeats, and serves catch-up requests
+(and anti-entropy requests, PROTOCOL §15).
 
 Sockets (proto/PROTOCOL.md §2): a PUB socket for live batches and heartbeats, and a ROUTER
 socket answering SYNC requests with a replay from the outbox ring or a chunked snapshot.
@@ -22,7 +23,7 @@ import zmq.asyncio
 from ..model import now_ms
 from ..replica import Replica
 from . import wire
-from .catchup import catchup_frames
+from .catchup import antientropy_frames, catchup_frames
 from .security import CurveConfig, apply_server_curve
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class PublisherStats:
     snapshot_records: int = 0
     bad_requests: int = 0
     send_errors: int = 0
+    antientropy_digests: int = 0  # DIGREQ answered (PROTOCOL §15)
+    antientropy_fetches: int = 0  # BKTREQ answered
 
 
 class Publisher:
@@ -73,6 +76,7 @@ class Publisher:
         self._tasks: list[asyncio.Task] = []
         self._serving: set[asyncio.Task] = set()
         self._answering: dict[bytes, asyncio.Task] = {}
+        self._ae_answering: dict[bytes, asyncio.Task] = {}  # anti-entropy, apart from SYNC
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
@@ -132,19 +136,17 @@ class Publisher:
     async def _serve_sync(self) -> None:
         while True:
             frames = await self.router.recv_multipart()
-            if len(frames) != 3 or frames[1] != wire.SYNC:
+            if len(frames) != 3 or frames[1] not in _REQUEST_KINDS:
                 self.stats.bad_requests += 1
                 continue
             ident, payload = frames[0], frames[2]
+            if frames[1] != wire.SYNC:
+                await self._serve_antientropy(ident, frames[1], payload)
+                continue
             try:
                 req = wire.decode_sync_request(payload)
             except wire.WireError as exc:
-                self.stats.bad_requests += 1
-                code = wire.ERR_VERSION if exc.reason == "version" else wire.ERR_MALFORMED
-                # best effort, never blocks the request loop for long
-                with contextlib.suppress(_PeerGone, zmq.ZMQError):
-                    await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)),
-                                      timeout=0.5)
+                await self._refuse(ident, exc)
                 continue
             self.stats.sync_requests += 1
             previous = self._answering.pop(ident, None)
@@ -156,6 +158,50 @@ class Publisher:
             task.add_done_callback(self._serving.discard)
             task.add_done_callback(lambda t, i=ident: self._answering.pop(i, None)
                                    if self._answering.get(i) is t else None)
+
+    async def _refuse(self, ident: bytes, exc: wire.WireError) -> None:
+        self.stats.bad_requests += 1
+        code = wire.ERR_VERSION if exc.reason == "version" else wire.ERR_MALFORMED
+        # best effort, never blocks the request loop for long
+        with contextlib.suppress(_PeerGone, zmq.ZMQError):
+            await self._reply(ident, wire.ERROR, wire.encode_error(code, str(exc)), timeout=0.5)
+
+    async def _serve_antientropy(self, ident: bytes, kind: bytes, payload: bytes) -> None:
+        """DIGREQ / BKTREQ: answered by a task of its own (the hashing takes a while), which a
+        newer anti-entropy request of the same requester cancels. SYNC answers are separate:
+        an anti-entropy request never cancels a catch-up."""
+        try:
+            if kind == wire.DIGEST_REQUEST:
+                req: wire.DigestRequest | wire.BucketRequest = \
+                    wire.decode_digest_request(payload)
+                self.stats.antientropy_digests += 1
+            else:
+                req = wire.decode_bucket_request(payload)
+                self.stats.antientropy_fetches += 1
+        except wire.WireError as exc:
+            await self._refuse(ident, exc)
+            return
+        previous = self._ae_answering.pop(ident, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.create_task(self._answer_antientropy(ident, req))
+        self._ae_answering[ident] = task
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+        task.add_done_callback(lambda t, i=ident: self._ae_answering.pop(i, None)
+                               if self._ae_answering.get(i) is t else None)
+
+    async def _answer_antientropy(self, ident: bytes,
+                                  req: wire.DigestRequest | wire.BucketRequest) -> None:
+        self.flush()  # the cut below then matches last_seq exactly (no await in between)
+        try:
+            for item in antientropy_frames(self.replica, req):
+                if item is None:
+                    await asyncio.sleep(0)  # a slice of hashing done: let the loop run
+                else:
+                    await self._reply(ident, *item)
+        except _PeerGone:
+            log.info("anti-entropy requester went away; dropped its request")
 
     async def _answer(self, ident: bytes, req: wire.SyncRequest) -> None:
         self.flush()  # everything in the store now has a sequence number
@@ -202,3 +248,6 @@ class Publisher:
 
 class _PeerGone(Exception):
     pass
+
+
+_REQUEST_KINDS = frozenset((wire.SYNC, wire.DIGEST_REQUEST, wire.BUCKET_REQUEST))

@@ -254,3 +254,155 @@ def decode_error(payload: bytes) -> tuple[int, str]:
     if type(obj) is not tuple or len(obj) < 3 or type(obj[1]) is not int:
         raise WireError("malformed", "error frame")
     return obj[1], str(obj[2])
+
+
+# ---------------------------------------------------------------- anti-entropy (PROTOCOL §15)
+DIGEST_REQUEST = b"DIGREQ"  # DEALER -> ROUTER: per-bucket digest of the peer's own contacts
+BUCKET_REQUEST = b"BKTREQ"  # DEALER -> ROUTER: the peer's own contacts in some buckets
+CUT = b"CUT"  # ROUTER -> DEALER: the sequence number the answer that follows describes
+DIGEST = b"DIGEST"  # ROUTER -> DEALER: per-bucket record counts and hash sums
+BUCKETS = b"BUCKETS"  # ROUTER -> DEALER: the records of the requested buckets
+
+ERR_TOO_LARGE = 4  # the answer would exceed MAX_MESSAGE (ask for fewer buckets)
+
+MAX_BUCKETS = 65536
+"""Largest bucket count a digest may use (counts are powers of two, 1..MAX_BUCKETS)."""
+
+_U64 = (1 << 64) - 1
+
+
+@dataclass(slots=True, frozen=True)
+class DigestRequest:
+    node_id: int  # requester (informative)
+    incarnation: int  # publisher incarnation the requester follows (informative)
+    req_id: int  # echoed in CUT and DIGEST
+    buckets: int  # power of two
+
+
+@dataclass(slots=True, frozen=True)
+class BucketRequest:
+    node_id: int
+    incarnation: int
+    req_id: int  # echoed in CUT and BUCKETS
+    buckets: int  # the bucket count the indices refer to
+    indices: tuple[int, ...]  # distinct bucket numbers, each < buckets
+
+
+@dataclass(slots=True, frozen=True)
+class Cut:
+    incarnation: int  # answering publisher's incarnation
+    cut_seq: int  # its last_seq when the answer's records were copied
+    req_id: int
+    cut_ms: int  # its clock at the cut (informative)
+    horizon_s: int  # records with 0 < expires <= horizon_s are left out of the comparison
+
+
+@dataclass(slots=True, frozen=True)
+class DigestAnswer:
+    incarnation: int
+    cut_seq: int
+    req_id: int
+    counts: tuple[int, ...]  # records per bucket
+    sums: tuple[int, ...]  # per bucket: sum of record hashes mod 2**64
+
+    @property
+    def buckets(self) -> int:
+        return len(self.counts)
+
+
+@dataclass(slots=True, frozen=True)
+class BucketAnswer:
+    incarnation: int
+    cut_seq: int
+    req_id: int
+    buckets: int
+    indices: tuple[int, ...]
+    records: tuple  # validated one by one when the repair is planned
+
+
+def _bucket_count(n: int, what: str) -> None:
+    if not 1 <= n <= MAX_BUCKETS or n & (n - 1):
+        raise WireError("malformed", f"{what}: bucket count {n} is not a power of two in "
+                                     f"1..{MAX_BUCKETS}")
+
+
+def _bucket_indices(obj: Any, buckets: int, what: str) -> tuple[int, ...]:
+    if type(obj) is not tuple or not 1 <= len(obj) <= buckets:
+        raise WireError("malformed", f"{what}: bucket list must be an array of 1..{buckets}")
+    for i in obj:
+        if type(i) is not int or not 0 <= i < buckets:
+            raise WireError("malformed", f"{what}: bucket {i!r} is not in 0..{buckets - 1}")
+    if len(set(obj)) != len(obj):
+        raise WireError("malformed", f"{what}: bucket listed twice")
+    return obj
+
+
+def encode_digest_request(node_id: int, incarnation: int, req_id: int, buckets: int) -> bytes:
+    return _packb((VERSION, node_id, incarnation, req_id, buckets))
+
+
+def decode_digest_request(payload: bytes) -> DigestRequest:
+    obj = _array(_unpack(payload), 5, "digest request")
+    _ints(obj[1:5], "digest request")
+    _bucket_count(obj[4], "digest request")
+    return DigestRequest(*obj[1:5])
+
+
+def encode_bucket_request(node_id: int, incarnation: int, req_id: int, buckets: int,
+                          indices: list[int] | tuple[int, ...]) -> bytes:
+    return _packb((VERSION, node_id, incarnation, req_id, buckets, indices))
+
+
+def decode_bucket_request(payload: bytes) -> BucketRequest:
+    obj = _array(_unpack(payload), 6, "bucket request")
+    _ints(obj[1:5], "bucket request")
+    _bucket_count(obj[4], "bucket request")
+    return BucketRequest(*obj[1:5], _bucket_indices(obj[5], obj[4], "bucket request"))
+
+
+def encode_cut(incarnation: int, cut_seq: int, req_id: int, cut_ms: int, horizon_s: int
+               ) -> bytes:
+    return _packb((VERSION, incarnation, cut_seq, req_id, cut_ms, horizon_s))
+
+
+def decode_cut(payload: bytes) -> Cut:
+    obj = _array(_unpack(payload), 6, "cut")
+    _ints(obj[1:6], "cut")
+    return Cut(*obj[1:6])
+
+
+def encode_digest(incarnation: int, cut_seq: int, req_id: int,
+                  counts: list[int] | tuple[int, ...], sums: list[int] | tuple[int, ...]
+                  ) -> bytes:
+    return _packb((VERSION, incarnation, cut_seq, req_id, len(counts), counts, sums))
+
+
+def decode_digest(payload: bytes) -> DigestAnswer:
+    obj = _array(_unpack(payload), 7, "digest")
+    _ints(obj[1:5], "digest")
+    n = obj[4]
+    _bucket_count(n, "digest")
+    counts, sums = obj[5], obj[6]
+    if type(counts) is not tuple or type(sums) is not tuple or len(counts) != n \
+            or len(sums) != n:
+        raise WireError("malformed", "digest: counts and sums must be arrays of `buckets` items")
+    _ints(counts, "digest counts")
+    _ints(sums, "digest sums")
+    if n and max(sums) > _U64:
+        raise WireError("malformed", "digest: a sum does not fit in 64 bits")
+    return DigestAnswer(obj[1], obj[2], obj[3], counts, sums)
+
+
+def encode_buckets(incarnation: int, cut_seq: int, req_id: int, buckets: int,
+                   indices: list[int] | tuple[int, ...], records: list | tuple) -> bytes:
+    return _packb((VERSION, incarnation, cut_seq, req_id, buckets, indices, records))
+
+
+def decode_buckets(payload: bytes) -> BucketAnswer:
+    obj = _array(_unpack(payload), 7, "buckets")
+    _ints(obj[1:5], "buckets")
+    _bucket_count(obj[4], "buckets")
+    indices = _bucket_indices(obj[5], obj[4], "buckets")
+    if type(obj[6]) is not tuple:
+        raise WireError("malformed", "buckets: records must be an array")
+    return BucketAnswer(*obj[1:5], indices, obj[6])
