@@ -40,6 +40,8 @@ class ReplicationConfig:
     snapshot_chunk: int = 5000
     apply_delay_ms: float = 0.0
     tcp_buffer: int = 0
+    antientropy_interval_s: float = 30.0  # 0 = no periodic rounds (sc_antientropy still works)
+    antientropy_buckets: int = 1024  # power of two, 1..65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +183,14 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
         snapshot_chunk=r.int("snapshot_chunk", d.snapshot_chunk, lo=1, hi=1_000_000),
         apply_delay_ms=r.num("apply_delay_ms", d.apply_delay_ms, lo=0, hi=10_000),
         tcp_buffer=r.int("tcp_buffer", d.tcp_buffer, lo=0, hi=1 << 30),
+        antientropy_interval_s=r.num("antientropy_interval_s", d.antientropy_interval_s, lo=0,
+                                     hi=86400),
+        antientropy_buckets=r.int("antientropy_buckets", d.antientropy_buckets, lo=1,
+                                  hi=65536),
     )
+    if rep.antientropy_buckets & (rep.antientropy_buckets - 1):
+        raise ConfigError(f"replication.antientropy_buckets: {rep.antientropy_buckets} is not "
+                          "a power of two")
     r.done()
 
     peers_raw = data.get("peers", [])
@@ -252,6 +261,9 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> Config:
     redis_cfg = _parse_redis(data["redis"]) if "redis" in data else None
     if role is not None and role.redis_lease and redis_cfg is None:
         raise ConfigError("role.redis_lease: needs a [redis] table (where the lease lives)")
+    if role is not None and role.redis_lease and redis_cfg.mode == "cluster":
+        raise ConfigError('role.redis_lease: not available with redis.mode = "cluster" (the '
+                          "lease needs one Redis or Sentinel)")
 
     return Config(node_id, node_name, state_dir, rep, tuple(peers), curve,
                   AdminConfig(host.strip("[]"), int(port_s), token or None), tomb, expiry_ms,
@@ -361,10 +373,63 @@ class RedisConfig:
     stream_maxlen: int = 1_000_000
     snapshot_interval_s: float = 300.0
     restore_at_start: bool = True
+    # mode = "cluster": the shared contact directory in a Redis Cluster (no stream/snapshots)
+    mode: str = "single"  # single | sentinel | cluster
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
+    directory: bool = True
+    directory_backlog: int = 1_000_000
+    directory_tombstone_ttl_s: float = 300.0
+
+
+_REDIS_MODES = ("single", "sentinel", "cluster")
+_REDIS_CLUSTER_ONLY = ("cluster_nodes", "directory", "directory_backlog",
+                       "directory_tombstone_ttl_s")
+_REDIS_STREAM_ONLY = ("url", "sentinels", "master_name", "stream_maxlen", "snapshot_interval_s",
+                      "restore_at_start")
+
+
+def _parse_redis_cluster(r: Section) -> RedisConfig:
+    """``mode = "cluster"``: only the directory keys; the stream/snapshot ones are errors."""
+    for key in _REDIS_STREAM_ONLY:
+        if key in r.data:
+            raise ConfigError(f'redis.{key}: not used with redis.mode = "cluster" (the change '
+                              "stream, snapshots and Sentinel need one Redis; cluster mode "
+                              "shares contacts through the directory)")
+    raw = r._get("cluster_nodes", (list,), None, True)
+    if not raw:
+        raise ConfigError("redis.cluster_nodes: give at least one HOST:PORT of the cluster")
+    nodes = []
+    for i, item in enumerate(raw):
+        host, sep, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"redis.cluster_nodes[{i}]: {item!r} is not HOST:PORT")
+        nodes.append((host.strip("[]"), int(port)))
+    d = RedisConfig()
+    cluster = r.str("cluster", d.cluster)
+    if not cluster or "{" in cluster or "}" in cluster:
+        raise ConfigError(f"redis.cluster: {cluster!r} must be non-empty and without braces "
+                          "(they would break the keys' hash tags)")
+    cfg = RedisConfig(mode="cluster", cluster=cluster, cluster_nodes=tuple(nodes),
+                      directory=r.bool("directory", d.directory),
+                      directory_backlog=r.int("directory_backlog", d.directory_backlog, lo=1,
+                                              hi=100_000_000),
+                      directory_tombstone_ttl_s=r.num("directory_tombstone_ttl_s",
+                                                      d.directory_tombstone_ttl_s, lo=0,
+                                                      hi=86400 * 7))
+    r.done()
+    return cfg
 
 
 def _parse_redis(data: Any) -> RedisConfig:
     r = Section("redis", data)
+    mode = r.str("mode") if "mode" in r.data else None  # absent: inferred from sentinels
+    if mode is not None and mode not in _REDIS_MODES:
+        raise ConfigError(f"redis.mode: {mode!r} is not one of {', '.join(_REDIS_MODES)}")
+    if mode == "cluster":
+        return _parse_redis_cluster(r)
+    for key in _REDIS_CLUSTER_ONLY:
+        if key in r.data:
+            raise ConfigError(f'redis.{key}: only used with redis.mode = "cluster"')
     d = RedisConfig()
     url = r.str("url", d.url)
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -376,7 +441,12 @@ def _parse_redis(data: Any) -> RedisConfig:
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"redis.sentinels[{i}]: {item!r} is not HOST:PORT")
         sentinels.append((host, int(port)))
+    if mode == "sentinel" and not sentinels:
+        raise ConfigError('redis.sentinels: required with redis.mode = "sentinel"')
+    if mode == "single" and sentinels:
+        raise ConfigError('redis.sentinels: not used with redis.mode = "single" (use "sentinel")')
     cfg = RedisConfig(url=url, sentinels=tuple(sentinels),
+                      mode="sentinel" if sentinels else "single",
                       master_name=r.str("master_name", d.master_name),
                       cluster=r.str("cluster", d.cluster),
                       stream_maxlen=r.int("stream_maxlen", d.stream_maxlen, lo=1000, hi=10**9),
@@ -411,9 +481,37 @@ def _parse_proxy(data: Any) -> Any:
         load=p.str("load", d.load, choices=("off", "warm", "on_promotion")),
         load_interval_s=p.num("load_interval_s", d.load_interval_s, lo=0.1, hi=3600),
         load_rate=p.num("load_rate", d.load_rate, lo=0, hi=1e6),
-        timeout_s=p.num("timeout_s", d.timeout_s, lo=0.1, hi=600))
+        timeout_s=p.num("timeout_s", d.timeout_s, lo=0.1, hi=600),
+        **_parse_replay(p, d))
     p.done()
     return settings
+
+
+def _parse_replay(p: Section, d: Any) -> dict[str, Any]:
+    """``[proxy]`` keys of REGISTER-replay loading (``load_method = "register"``)."""
+    import ipaddress
+
+    method = p.str("load_method", d.load_method, choices=("rpc", "register"))
+    target = p.str("replay_target", "udp:{}:{}".format(*d.replay_target))
+    proto, _, hostport = target.partition(":")
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        ok = proto == "udp" and sep and port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"proxy.replay_target: {target!r} is not udp:IP:PORT (an IP address: "
+                          "the replay route's UDP socket)")
+    source = p.str("replay_source", d.replay_source)
+    try:
+        ipaddress.ip_address(source)
+    except ValueError:
+        raise ConfigError(f"proxy.replay_source: {source!r} is not an IP address (the address "
+                          "replays are sent from, which the proxy trusts)") from None
+    return {"load_method": method, "replay_target": (host, int(port)), "replay_source": source,
+            "replay_window": p.int("replay_window", d.replay_window, lo=1, hi=4096)}
 
 
 def _parse_keepalive(data: Any, proxy: Any) -> Any:

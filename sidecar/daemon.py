@@ -63,6 +63,7 @@ class Daemon:
         self.durability: Durability | None = None
         self.restore_report: dict | None = None
         self.redis = None
+        self.directory = None  # RedisDirectory when [redis] mode = "cluster"
         self.admin: AdminServer | None = None
         self.registry = CommandRegistry()
         self.metrics = NodeMetrics(self)
@@ -91,7 +92,10 @@ class Daemon:
                      "" if report.clean else f"; damage: {self.restore_report['damage']}")
             self.replica.journal = self.durability
             await self.durability.start(self.replica.store)
-        if cfg.redis is not None:
+        if cfg.redis is not None and cfg.redis.mode == "cluster":
+            if cfg.redis.directory:
+                await self._start_directory(cfg.redis)
+        elif cfg.redis is not None:
             await self._start_redis(cfg.redis)
         # Contact tuples are GC-untracked, but building a million of them triggers many
         # young-generation collections; a larger threshold keeps bulk loads at full speed.
@@ -137,7 +141,9 @@ class Daemon:
                              rcvhwm=rep.rcvhwm, sync_timeout=rep.sync_timeout_s,
                              curve=self.curve, peer_public_key=key,
                              apply_delay_s=rep.apply_delay_ms / 1000,
-                             tcp_buffer=rep.tcp_buffer, on_heartbeat=on_heartbeat)
+                             tcp_buffer=rep.tcp_buffer, on_heartbeat=on_heartbeat,
+                             antientropy_interval_s=rep.antientropy_interval_s,
+                             antientropy_buckets=rep.antientropy_buckets)
             await sub.start()
             self.subscribers.append(sub)
         ctx = SourceContext(self.replica, self.publisher.kick, self.ctx, cfg.node_id,
@@ -189,6 +195,21 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._redis_snapshots(rc.snapshot_interval_s),
                                                name="redis-snapshots"))
 
+    async def _start_directory(self, rc) -> None:
+        """Redis Cluster mode: this node's own changes go to the shared contact directory
+        (there is no stream/snapshot backend in this mode)."""
+        from .persist.journal import JournalFanout
+        from .persist.redis_directory import DirectoryJournal, RedisDirectory
+
+        self.directory = RedisDirectory(rc.cluster_nodes, rc.cluster, self.cfg.node_id,
+                                        backlog_limit=rc.directory_backlog,
+                                        tombstone_ttl_s=rc.directory_tombstone_ttl_s)
+        journals = [j for j in (self.replica.journal,
+                                DirectoryJournal(self.directory, self.cfg.node_id))
+                    if j is not None]
+        self.replica.journal = JournalFanout(journals) if len(journals) > 1 else journals[0]
+        await self.directory.start(self.replica.store.records)
+
     async def _redis_snapshots(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -239,6 +260,7 @@ class Daemon:
             "lag_ms": {"p50": pct(0.5), "p99": pct(0.99), "samples": len(lag)},
             "sources": self.source_status(),
             "redis": self.redis.status() if self.redis is not None else None,
+            "directory": self.directory.status() if self.directory is not None else None,
         }
 
     def source_status(self) -> dict:
@@ -275,6 +297,9 @@ class Daemon:
         if self.redis is not None:
             await self.redis.stop()
             await self.redis.aclose()
+        if self.directory is not None:
+            await self.directory.stop()
+            await self.directory.aclose()
         if self.authenticator:
             self.authenticator.stop()
         self.ctx.term()

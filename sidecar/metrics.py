@@ -78,6 +78,21 @@ class NodeMetrics:
             for reason, n in s.errors.items():
                 errs.add_metric([peer, reason], n)
         yield from (lag, link, fl, errs)
+        ae = CounterMetricFamily("sidecar_antientropy", "Anti-entropy rounds against a peer: "
+                                 "rounds, skipped, errors, buckets compared/differing/fetched, "
+                                 "records put/dropped/kept/refused/changed",
+                                 labels=["peer", "event"])
+        ae_last = GaugeMetricFamily("sidecar_antientropy_last_round_seconds",
+                                    "Duration of the last completed anti-entropy round",
+                                    labels=["peer"])
+        for s in node.subscribers:
+            peer = str(s.peer_id)
+            st = s.ae_stats
+            for k in st.__slots__:
+                if k not in ("last_round_s", "last_differing"):
+                    ae.add_metric([peer, k], getattr(st, k))
+            ae_last.add_metric([peer], st.last_round_s)
+        yield from (ae, ae_last)
         c = CounterMetricFamily("sidecar_source_events", "Per-source counters (messages, "
                                 "parse errors, changes, drops)", labels=["source", "event"])
         for source, counters in node.source_status().items():

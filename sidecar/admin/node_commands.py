@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from ..model import EXPIRES, to_dict
+from ..model import EXPIRES, URI, to_dict
 from .commands import (
     COMMAND_FAILED,
     NOT_FOUND,
@@ -50,6 +50,16 @@ def table_digest(records) -> dict:
         total += int.from_bytes(hashlib.blake2b(pack(rec), digest_size=8).digest(), "big")
         n += 1
     return {"count": n, "digest": f"{total & 0xFFFFFFFFFFFFFFFF:016x}"}
+
+
+def _antientropy_totals(node: Daemon) -> dict:
+    """Anti-entropy counters summed over the peers (sc_counters)."""
+    keys = ("rounds", "errors", "buckets_differing", "records_put", "records_dropped")
+    out = dict.fromkeys(keys, 0)
+    for sub in node.iter_subscribers():
+        for k in keys:
+            out[k] += getattr(sub.ae_stats, k)
+    return {f"antientropy_{k}": v for k, v in out.items()}
 
 
 def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
@@ -165,6 +175,7 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
             "remote_changes": r.stats.remote_changes,
             "local_puts": r.stats.local_puts,
             "local_refreshes": r.stats.local_refreshes,
+            **_antientropy_totals(node),
         }
 
     @reg.command(
@@ -207,15 +218,31 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
                 default="location",
                 help="accepted for OpenSIPS compatibility",
             ),
+            Param("contact", str, required=False, help="only this contact URI"),
         ],
-        help="Contacts of one AOR.",
+        help="Contacts of one AOR: this node's table first; if it has none and a Redis "
+             "Cluster directory is configured, the directory ('source' says which).",
     )
-    def ul_show_contact(aor: str, table_name: str = "location") -> dict:
+    async def ul_show_contact(aor: str, table_name: str = "location",
+                              contact: str | None = None) -> dict:
         now = time.time()
-        recs = store.lookup_aor(aor, now)
+        recs = [r for r in store.lookup_aor(aor, now) if contact is None or r[URI] == contact]
+        source = "local"
+        directory = getattr(node, "directory", None)
+        if not recs and directory is not None:
+            from ..persist.redis_directory import SOURCE_NAME, RedisDirectoryError
+
+            try:
+                recs = await directory.lookup(aor, contact)
+            except RedisDirectoryError as exc:
+                raise JsonRpcError(COMMAND_FAILED, "directory lookup failed",
+                                   str(exc)) from None
+            source = SOURCE_NAME
         if not recs:
-            raise JsonRpcError(NOT_FOUND, "AOR not found")
-        return {"AOR": aor, "Contacts": [_contact_json(r, now) for r in recs]}
+            raise JsonRpcError(NOT_FOUND, "AOR not found" if contact is None
+                               else "Contact not found")
+        return {"AOR": aor, "Contacts": [_contact_json(r, now) for r in recs],
+                "source": source}
 
     @reg.command(
         "sc_resync",
@@ -231,6 +258,20 @@ def register_node_commands(reg: CommandRegistry, node: Daemon) -> None:
         for s in subs:
             s.resync()
         return {"requested": [s.peer_id for s in subs]}
+
+    @reg.command(
+        "sc_antientropy",
+        params=[
+            Param("peer", int, required=False, help="peer node id (default: every peer)"),
+        ],
+        help="Run an anti-entropy round now: compare per-bucket digests of each peer's own "
+             "contacts with ours and repair the differing buckets; reports what it found.",
+    )
+    async def sc_antientropy(peer: int | None = None) -> dict:
+        subs = [s for s in node.iter_subscribers() if peer is None or s.peer_id == peer]
+        if peer is not None and not subs:
+            raise JsonRpcError(NOT_FOUND, f"no such peer {peer}")
+        return {"rounds": [await s.antientropy_round() for s in subs]}
 
     @reg.command(
         "sc_digest",
