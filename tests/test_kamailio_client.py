@@ -151,7 +151,7 @@ def test_contact_to_record_sets_nat_flag_from_bflag_or_received():
         aor="natphone", uri="sip:natphone@127.0.0.77:5060", callid="n1@sipp", cseq=1,
         expires=RECORDED_NOW + 300, handle=7, last_modified=123,
         received="sip:127.0.0.1:5063", socket="udp:127.0.0.1:5070", user_agent="NAT phone",
-        flags=FLAG_NAT, cflags=192, methods=ALL)
+        flags=FLAG_NAT, cflags=192, methods=None)  # no Allow: every method
     alice = kamailio_contact_to_record(by_aor["alice"], handle=8, last_modified=5,
                                        nat_bflag_mask=NAT_BFLAG_MASK)
     assert alice[model.FLAGS] == 0
@@ -617,3 +617,34 @@ async def test_two_instances_on_two_loopback_ips_and_hep_mirror(tmp_path):
     assert rpl[0x0F].startswith(b"SIP/2.0 200 OK\r\n")
     assert socket.inet_ntoa(rpl[0x03]) == "127.0.0.2"  # IPv4 source
     assert struct.unpack("!I", req[0x0C])[0] == 1  # capture agent id (HEP_CAPTURE_ID)
+
+
+@pytest.mark.slow
+async def test_methods_bits_translate_both_ways_against_real_kamailio(kam):
+    """One REGISTER per SIP method, each allowing only that method: the mask Kamailio stores
+    must translate to the sidecar's bit for it (and back for ul.add)."""
+    from sidecar.sip.registration import METHOD_BITS, methods_bitmask
+
+    names = sorted(METHOD_BITS)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        port = sock.getsockname()[1]
+        for i, name in enumerate(names):
+            msg = (f"REGISTER sip:{kam.sip_ip} SIP/2.0\r\n"
+                   f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-m{i};rport\r\n"
+                   f"Max-Forwards: 70\r\nFrom: <sip:m{i}@{kam.sip_ip}>;tag=t{i}\r\n"
+                   f"To: <sip:m{i}@{kam.sip_ip}>\r\nCall-ID: methods-{i}\r\n"
+                   f"CSeq: 1 REGISTER\r\nContact: <sip:m{i}@127.0.0.1:{port}>\r\n"
+                   f"Allow: {name}\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n")
+            sock.sendto(msg.encode(), (kam.sip_ip, kam.sip_port))
+            assert sock.recv(65535).startswith(b"SIP/2.0 200"), name
+    async with kam.http_rpc() as rpc:
+        dumped = {c["aor"]: c for c in await rpc.ul_dump()}
+    for i, name in enumerate(names):
+        stored = dumped[f"m{i}"]["methods"]
+        assert stored == kd.KAMAILIO_METHOD_BITS[name], name
+        assert kd.methods_from_kamailio(stored) == methods_bitmask(name) == METHOD_BITS[name]
+        assert kd.methods_to_kamailio(METHOD_BITS[name]) == stored
+    assert kd.methods_from_kamailio(kd.ALL_METHODS) is None
+    assert kd.methods_to_kamailio(None) == kd.ALL_METHODS

@@ -43,6 +43,7 @@ from sidecar.proxy.kamailio_dump import (
     decode_response,
     encode_request,
     kamailio_contact_to_record,
+    methods_to_kamailio,
     parse_ul_dump,
     parse_ul_lookup,
     ul_add_params,
@@ -192,7 +193,8 @@ class KamailioRpc:
         nat = nat_bflag_mask | sipping_bflag_mask if rec[model.FLAGS] & model.FLAG_NAT else 0
         return await self.ul_add(
             table, rec[model.AOR], rec[model.URI], rec[model.EXPIRES], q=rec[model.Q],
-            path=rec[model.PATH], cflags=rec[model.CFLAGS] | nat, methods=rec[model.METHODS],
+            path=rec[model.PATH], cflags=rec[model.CFLAGS] | nat,
+            methods=methods_to_kamailio(rec[model.METHODS]),
             received=rec[model.RECEIVED], socket=rec[model.SOCKET])
 
     async def ul_rm(self, table: str, aor: str) -> None:

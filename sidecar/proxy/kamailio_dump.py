@@ -52,6 +52,41 @@ NAT_BFLAG_MASK = 1 << 6
 SIPPING_BFLAG_MASK = 1 << 7
 
 ALL_METHODS = 0xFFFFFFFF  # what Kamailio stores when a REGISTER has no Allow header
+# Kamailio numbers SIP methods differently from OpenSIPS (whose order the sidecar's contact
+# tuples use, see sidecar.sip.registration.METHOD_BITS): REGISTER is 32 and OPTIONS 512 here.
+# Checked against a real Kamailio 5.6 (tests/test_kamailio_client.py registers one Allow
+# method at a time and reads the stored mask back).
+KAMAILIO_METHOD_BITS = {
+    "INVITE": 1, "CANCEL": 2, "ACK": 4, "BYE": 8, "INFO": 16, "REGISTER": 32, "SUBSCRIBE": 64,
+    "NOTIFY": 128, "MESSAGE": 256, "OPTIONS": 512, "PRACK": 1024, "UPDATE": 2048,
+    "REFER": 4096, "PUBLISH": 8192,
+}
+
+
+def _translate(mask: int, source: Mapping[str, int], target: Mapping[str, int]) -> int:
+    out = 0
+    for name, bit in source.items():
+        if mask & bit:
+            out |= target[name]
+    return out
+
+
+def methods_from_kamailio(mask: int) -> int | None:
+    """Kamailio's stored Methods -> the contact tuple's bitmask (None = no Allow: all)."""
+    from ..sip.registration import METHOD_BITS
+
+    if mask == ALL_METHODS:
+        return None
+    return _translate(mask, KAMAILIO_METHOD_BITS, METHOD_BITS)
+
+
+def methods_to_kamailio(mask: int | None) -> int:
+    """The contact tuple's bitmask -> what ``ul.add`` wants (all methods for None)."""
+    from ..sip.registration import METHOD_BITS
+
+    if mask is None:
+        return ALL_METHODS
+    return _translate(mask, METHOD_BITS, KAMAILIO_METHOD_BITS)
 NOT_SET = "[not set]"
 UNSET_ARG = "."  # "no value" for ul.add's path, received and socket
 
@@ -258,7 +293,8 @@ def kamailio_contact_to_record(c: Mapping[str, Any], *, handle: int, last_modifi
             expires=c["expires"], handle=handle, last_modified=last_modified,
             received=c.get("received"), path=c.get("path"), socket=c.get("socket"),
             q=c.get("q", -1), user_agent=c.get("user_agent"), flags=flags,
-            cflags=c.get("cflags", 0), methods=c.get("methods"),
+            cflags=c.get("cflags", 0),
+            methods=None if c.get("methods") is None else methods_from_kamailio(c["methods"]),
             instance=c.get("instance"), reg_id=c.get("reg_id", 0),
         )
     except (KeyError, TypeError, ValueError, ModelError) as exc:
