@@ -331,6 +331,43 @@ def test_vip_acquire_probes_adds_and_announces_then_release(segment):
     assert again["ok"] and "not present" in again["detail"]
 
 
+_BACKGROUND_ACQUIRE = """
+import asyncio, json, time
+from sidecar.role.vip import Vip
+
+async def main():
+    vip = Vip("{ip}/24", "vA", garp_count=3, garp_interval=0.3, probe_timeout=0.2,
+              repeat_in_background=True)
+    started = time.perf_counter()
+    res = await vip.acquire()
+    took = time.perf_counter() - started
+    pending = vip._repeats is not None and not vip._repeats.done()
+    await vip._repeats
+    print(json.dumps({{"ok": res.ok, "sent": res.garp_sent, "took": took, "pending": pending}}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_daemon_vip_returns_after_the_first_announcement_and_repeats_in_background(segment):
+    """The daemon's VIP action must not hold the failover for the repeated gratuitous ARPs:
+    acquire returns after the first round, the other rounds still go out."""
+    sniffer = Sniffer(segment)
+    try:
+        out = subprocess.run(["ip", "netns", "exec", segment.a, sys.executable, "-c",
+                              _BACKGROUND_ACQUIRE.format(ip=IP)], capture_output=True, text=True,
+                             timeout=60, cwd=Path(__file__).parent.parent)
+        assert out.stdout, out.stderr
+        res = json.loads(out.stdout)
+        frames = sniffer.frames_until(lambda fs: len(_garps(fs)) >= 6)
+    finally:
+        sniffer.stop()
+    assert res["ok"] and res["sent"] == 2 and res["pending"]
+    assert res["took"] < 0.3 + 0.2 + 0.25  # probe + add + one round, not the 0.6 s of repeats
+    assert sorted(f[ARP].op for f in _garps(frames)) == [1, 1, 1, 2, 2, 2]
+
+
 @pytest.mark.slow
 def test_vip_already_taken_on_the_segment_is_a_clear_error(segment):
     _ip("-n", segment.b, "addr", "add", f"{IP}/24", "dev", "vB")

@@ -108,7 +108,7 @@ class RoleService:
             initial_epoch=load_epoch(state_dir)), self.clock())
         self.runner = CheckpointRunner([self.heartbeat, *extra], self._on_probe, clock=self.clock)
         self.hooks = HookRunner(settings.hooks, timeout=settings.hook_timeout_s)
-        self.vip = (Vip(settings.vip, settings.vip_interface)
+        self.vip = (Vip(settings.vip, settings.vip_interface, repeat_in_background=True)
                     if settings.vip and settings.vip_interface else None)
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []

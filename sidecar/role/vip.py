@@ -158,7 +158,8 @@ class Vip:
 
     def __init__(self, address: str, interface: str, *, garp_count: int = 3,
                  garp_interval: float = 0.2, probe: bool = True, probe_count: int = 2,
-                 probe_timeout: float = 0.5, command_timeout: float = 5.0) -> None:
+                 probe_timeout: float = 0.5, command_timeout: float = 5.0,
+                 repeat_in_background: bool = False) -> None:
         self.vip = parse_vip(address)
         if not interface or "/" in interface or len(interface) > 15:
             raise VipConfigError(f"bad interface name {interface!r}")
@@ -172,6 +173,11 @@ class Vip:
         self.probe_count = probe_count
         self.probe_timeout = probe_timeout
         self.command_timeout = command_timeout
+        # In the daemon the address is usable after the first announcement: the repeats (for
+        # neighbours that missed it) go out from a task, so pinging starts ~garp_interval *
+        # (garp_count - 1) sooner. A one-shot CLI must wait for them instead.
+        self.repeat_in_background = repeat_in_background
+        self._repeats: asyncio.Task | None = None
         self.last: VipResult | None = None
 
     def __repr__(self) -> str:
@@ -219,13 +225,14 @@ class Vip:
                     return owner
         return None
 
-    async def announce(self, mac: str) -> int:
-        """Send the gratuitous ARPs; returns how many frames went out."""
+    async def announce(self, mac: str, rounds: int | None = None) -> int:
+        """Send *rounds* (default ``garp_count``) gratuitous ARP rounds, ``garp_interval``
+        apart; returns how many frames went out."""
         loop = asyncio.get_running_loop()
         sent = 0
         with _packet_socket(self.interface) as s:
             frames = garp_frames(mac, self.ip)
-            for i in range(self.garp_count):
+            for i in range(self.garp_count if rounds is None else rounds):
                 if i:
                     await asyncio.sleep(self.garp_interval)
                 for frame in frames:
@@ -277,14 +284,32 @@ class Vip:
                 return VipResult(False, f"ip addr add {self.vip.with_prefixlen} dev "
                                         f"{self.interface}: {res.detail} {res.output.strip()}")
             detail = f"added {self.vip.with_prefixlen} to {self.interface}"
+        background = self.repeat_in_background and self.garp_count > 1
         try:
-            sent = await self.announce(mac)
+            sent = await self.announce(mac, 1 if background else None)
         except OSError as exc:
             # The address works; neighbours just learn it later. Not worth failing over again.
             return VipResult(True, f"{detail}; gratuitous ARP failed: {exc}")
+        if background:
+            self._cancel_repeats()
+            self._repeats = asyncio.create_task(self._repeat(mac), name="vip-garp-repeats")
+            detail += f"; {self.garp_count - 1} more rounds follow"
         return VipResult(True, f"{detail}; {sent} gratuitous ARP frames sent", garp_sent=sent)
 
+    async def _repeat(self, mac: str) -> None:
+        await asyncio.sleep(self.garp_interval)
+        try:
+            await self.announce(mac, self.garp_count - 1)
+        except OSError as exc:
+            log.warning("%r: repeated gratuitous ARP failed: %s", self, exc)
+
+    def _cancel_repeats(self) -> None:
+        if self._repeats is not None and not self._repeats.done():
+            self._repeats.cancel()
+        self._repeats = None
+
     async def _release(self) -> VipResult:
+        self._cancel_repeats()
         owners = await self.owners()
         if owners is not None and self.interface not in owners:
             return VipResult(True, f"VIP {self.ip} not present on {self.interface}")
