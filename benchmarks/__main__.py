@@ -10,6 +10,7 @@ BENCHMARKS = {
     "replication": "benchmarks.replication",
     "ingest": "benchmarks.ingest",
     "failover": "benchmarks.failover",
+    "durability": "benchmarks.durability",
 }
 
 

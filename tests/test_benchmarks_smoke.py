@@ -96,3 +96,28 @@ def test_replication_benchmark_parts_tiny(tmp_path: Path) -> None:
     assert raw_limit(stamped(contacts(0, 10_000))) > 0  # raises if the raw loop lost any
     result = run_throughput(tmp_path, 2_000)
     assert result["lost_changes"] == 0 and result["throughput_changes_per_s"] > 0
+
+
+DURABILITY_KEYS = (
+    "snapshot_write_s", "cold_restore_s", "restore_contacts", "log_append_changes_per_s",
+    "redis_changes_per_s", "mesh3_throughput_changes_per_s", "antientropy_repair_s",
+    "machine", "wall_s",
+)
+
+
+@pytest.mark.slow
+def test_durability_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import durability
+
+    out = tmp_path / "durability.json"
+    assert durability.main(quick=True, json_path=str(out), sizes=durability.SMOKE) == 0
+    doc = json.loads(out.read_text())
+    assert [k for k in DURABILITY_KEYS if k not in doc] == []
+    assert "durability benchmark" in capsys.readouterr().out
+    assert doc["restore_contacts"] == durability.SMOKE.contacts
+    assert doc["restore_lost_contacts"] == 0 and doc["mesh3_lost_changes"] == 0
+    assert doc["antientropy_found_differing"] == doc["antientropy_diverged_buckets"] > 0
+    assert doc["antientropy_left_different"] == 0
+    assert doc["log_append_changes_per_s"] > 0 and doc["mesh3_throughput_changes_per_s"] > 0
+    if doc["redis_changes_per_s"] is None:
+        assert "skipped" in doc["redis_note"]
