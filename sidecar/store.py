@@ -232,6 +232,75 @@ class ContactStore:
         self.stats.puts += 1
         return True
 
+    def put_many(self, records, now: float | None = None) -> tuple[int, int]:
+        """Apply many full versions (a snapshot, a restore); returns (applied, expired).
+
+        Same outcome as calling :meth:`put` for each, but a record whose AOR the store does
+        not hold yet (and that no tombstone covers) is linked directly, with no conflict
+        check to make: that is every record of a snapshot loaded into an empty table, and it
+        halves the cost per record at a million contacts. Anything else (the AOR exists, a
+        tombstone, an expired version) goes through :meth:`put`.
+        """
+        t = self.clock() if now is None else now
+        aors, by_handle, wheel, pool = self._aors, self._by_handle, self._wheel, self._pool
+        tombs = self._tombs
+        put = self.put
+        applied = expired = inserted = 0
+        room = len(pool) < _POOL_LIMIT
+        for rec in records:
+            aor = rec[0]
+            exp = rec[5]
+            if exp and exp <= t:
+                expired += 1
+                applied += put(rec)
+                continue
+            if aor in aors or (tombs and (aor, rec[1] if rec[13] is None
+                                          else f"{rec[13]}{KEY_SEP}{rec[14]}") in tombs):
+                applied += put(rec)
+                continue
+            s, ua, p_, m = rec[4], rec[9], rec[3], rec[12]
+            si = pool.get(s)
+            if si is None:
+                si = s
+                if room:
+                    pool[s] = s
+                    room = len(pool) < _POOL_LIMIT
+            ui = pool.get(ua)
+            if ui is None:
+                ui = ua
+                if room:
+                    pool[ua] = ua
+                    room = len(pool) < _POOL_LIMIT
+            if p_ is not None:
+                pi = pool.get(p_)
+                if pi is None:
+                    pi = p_
+                    if room:
+                        pool[p_] = p_
+                        room = len(pool) < _POOL_LIMIT
+            else:
+                pi = None
+            mi = pool.get(m)
+            if mi is None:
+                mi = m
+                if room:
+                    pool[m] = m
+                    room = len(pool) < _POOL_LIMIT
+            rec = (aor, rec[1], rec[2], pi, si, exp, rec[6], rec[7], rec[8], ui, rec[10],
+                   rec[11], mi, rec[13], rec[14], rec[15], rec[16], rec[17])
+            aors[aor] = rec
+            by_handle[rec[17]] = aor
+            if exp:
+                bucket = wheel.get(exp)
+                if bucket is None:
+                    wheel[exp] = [aor]
+                else:
+                    bucket.append(aor)
+            inserted += 1
+        self._count += inserted
+        self.stats.puts += inserted
+        return applied + inserted, expired
+
     def refresh(self, handle: int, expires: int, cseq: int, last_modified: int) -> tuple | None:
         """Apply a refresh named by handle. Returns the new record, or None if not applied."""
         old = self.by_handle(handle)

@@ -1,6 +1,8 @@
 """The replica table: conflict rule, refresh, delete/tombstones, expiry, memory tricks."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.model import (
     AOR,
@@ -196,3 +198,44 @@ def test_expired_winning_version_leaves_a_tombstone():
     assert s.put(rec(cseq=2, lm=2000, expires=NOW - 1))  # wins, but is already expired
     assert len(s) == 0
     assert not s.put(rec(cseq=1, lm=1000))  # the older version must not come back
+
+
+def _state(store: ContactStore) -> tuple:
+    return (sorted(store), len(store), sorted(store._by_handle.items()),
+            sorted((k, sorted(v)) for k, v in store._wheel.items()), sorted(store._tombs))
+
+
+_AORS = ["a@x", "b@x", "c@x"]
+_URIS = ["sip:1@h", "sip:2@h"]
+
+
+@st.composite
+def _versions(draw):
+    out = []
+    for i in range(draw(st.integers(0, 25))):
+        expires = draw(st.sampled_from([0, NOW - 5, NOW + 30, NOW + 60]))
+        out.append(rec(aor=draw(st.sampled_from(_AORS)), uri=draw(st.sampled_from(_URIS)),
+                       callid=draw(st.sampled_from(["c1", "c2"])), cseq=draw(st.integers(1, 3)),
+                       expires=expires, lm=draw(st.integers(1, 4)),
+                       node=draw(st.integers(1, 2)), n=i + 1,
+                       user_agent=draw(st.sampled_from([None, "UA"]))))
+    return out
+
+
+@given(before=_versions(), snapshot=_versions(), deletes=st.lists(
+    st.tuples(st.sampled_from(_AORS), st.sampled_from(_URIS)), max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_put_many_equals_put_one_by_one(before, snapshot, deletes):
+    """The snapshot fast path must leave exactly the table (records, handle index, expiry
+    wheel, tombstones) that one put() per record leaves, whatever the store held before."""
+    stores = [ContactStore(clock=Clock()), ContactStore(clock=Clock())]
+    for s in stores:
+        for r in before:
+            s.put(r)
+        for aor, uri in deletes:
+            s.delete(aor, uri, "c9", 9, 9, 1 << 56)
+    one_by_one = sum(stores[0].put(r) for r in snapshot)
+    applied, expired = stores[1].put_many(snapshot)
+    assert applied == one_by_one
+    assert expired == sum(1 for r in snapshot if r[EXPIRES] and r[EXPIRES] <= NOW)
+    assert _state(stores[0]) == _state(stores[1])

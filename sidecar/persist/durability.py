@@ -509,7 +509,7 @@ class Durability:
 
     def _load_snapshot(self, store: ContactStore, p: Path, report: RestoreReport,
                        now: float) -> int:
-        put = store.put
+        put_many = store.put_many
         applied = expired = count = 0
         try:
             with open(p, "rb", buffering=1 << 20) as f:
@@ -517,11 +517,9 @@ class Durability:
                 header = next(it)
                 for chunk in it:
                     count += len(chunk)
-                    for r in chunk:
-                        exp = r[5]
-                        if exp and exp <= now:
-                            expired += 1
-                        applied += put(r)
+                    done, dropped = put_many(chunk, now)
+                    applied += done
+                    expired += dropped
         except OSError as exc:
             raise PersistError("io", f"cannot read {p}: {exc}") from None
         finally:
