@@ -35,7 +35,6 @@ that is harmless because re-applying a change is a no-op under the conflict rule
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ from redis.asyncio.sentinel import Sentinel
 from ..model import DELETE_LEN, RECORD_LEN, now_ms
 from ..replication.wire import WireError, check_change
 from ..store import ContactStore
+from .background_writer import BackgroundWriter
 from .change_log import FRAME, MAX_FRAME, PersistError
 from .snapshot_file import CHUNK_RECORDS
 
@@ -252,13 +252,15 @@ def decode_entry(fields: dict) -> tuple:
 
 
 # ---------------------------------------------------------------------- the backend
-class RedisBackend:
+class RedisBackend(BackgroundWriter):
     """Publishes winning changes to Redis, writes snapshots, restores; degrades, never raises.
 
     Wiring: call :meth:`publish` with every change that won in the store (the same tuples the
     local change log gets), ``await start()`` for the periodic flush/reconnect task, and
     :meth:`write_snapshot` periodically and whenever :attr:`snapshot_wanted` is set.
     """
+
+    task_name = "redis-backend"
 
     def __init__(self, settings: RedisSettings | str, cluster_name: str, node_id: int,
                  stream_maxlen: int = 1_000_000, *, entry_changes: int = 128,
@@ -293,8 +295,6 @@ class RedisBackend:
         self._lock = asyncio.Lock()
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
         self._switch = self.client.register_script(_SWITCH_LUA)
-        self._task: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ hot path
     def publish(self, changes: Sequence[tuple]) -> None:
@@ -310,8 +310,8 @@ class RedisBackend:
             changes = changes[:max(room, 0)]
         self._backlog.extend(changes)
         self._enqueued += len(changes)
-        if self._wake is not None and len(self._backlog) >= self.entry_changes * 8:
-            self._wake.set()
+        if len(self._backlog) >= self.entry_changes * 8:
+            self._nudge()
 
     @property
     def backlog(self) -> int:
@@ -388,34 +388,9 @@ class RedisBackend:
         return not self.snapshot_wanted
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, records: Callable[[], list[tuple]] | None = None) -> None:
-        """Periodic flush; while degraded, a catch-up attempt every ``retry_interval_s``."""
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._run(records), name="redis-backend")
-
-    async def stop(self, flush: bool = True) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._wake = None
-        if flush and self._backlog:
-            await self.flush()
-
-    async def aclose(self) -> None:
-        await self.stop(flush=False)
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
-
     async def _run(self, records: Callable[[], list[tuple]] | None) -> None:
-        assert self._wake is not None
         while True:
-            wait = self.retry_interval_s if self.degraded else self.flush_interval_s
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            self._wake.clear()
+            await self._sleep(self.retry_interval_s if self.degraded else self.flush_interval_s)
             if self.degraded or self.snapshot_wanted:
                 await self.catch_up(records)
             elif self._backlog:

@@ -20,7 +20,6 @@ as rejected, logged with the key, and dropped: never retried forever, never over
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..model import EXPIRES, HANDLE, URI, now_ms
+from .background_writer import BackgroundWriter
 from .directory_codec import (
     DIRECTORY_LUA,
     RedisDirectoryError,
@@ -82,13 +82,15 @@ def _is_fixable(exc: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------- the directory
-class RedisDirectory:
+class RedisDirectory(BackgroundWriter):
     """This node's writer into, and reader of, the shared contact directory.
 
     Wiring: put :class:`DirectoryJournal` in the replica's journal chain, ``await start()``,
     and answer lookups with :meth:`lookup`. :meth:`put`/:meth:`delete` never raise and never
     block; :meth:`write` writes at once and is for tests and tools.
     """
+
+    task_name = "redis-directory"
 
     def __init__(self, nodes: Sequence[tuple[str, int]], cluster_name: str, node_id: int, *,
                  backlog_limit: int = 1_000_000, tombstone_ttl_s: float = 300.0,
@@ -122,8 +124,6 @@ class RedisDirectory:
         self._backlog: list[tuple] = []
         self._sha: str | None = None
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
 
     def key(self, aor: str) -> str:
         return directory_key(self.cluster_name, aor)
@@ -149,8 +149,8 @@ class RedisDirectory:
             return
         self._backlog.append(change)
         self.stats.queued += 1
-        if self._wake is not None and len(self._backlog) >= self.batch_changes:
-            self._wake.set()
+        if len(self._backlog) >= self.batch_changes:
+            self._nudge()
 
     @property
     def backlog(self) -> int:
@@ -380,35 +380,9 @@ class RedisDirectory:
         log.warning("redis directory: %s", why)
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self, records: Callable[[], Sequence[tuple]] | None = None) -> None:
-        """Periodic flush; while degraded a retry every ``retry_interval_s``; a re-push of
-        ``records()`` (this node's contacts) when changes were lost."""
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._run(records), name="redis-directory")
-
-    async def stop(self, flush: bool = True) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._wake = None
-        if flush and self._backlog:
-            await self.flush()
-
-    async def aclose(self) -> None:
-        await self.stop(flush=False)
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
-
     async def _run(self, records: Callable[[], Sequence[tuple]] | None) -> None:
-        assert self._wake is not None
         while True:
-            wait = self.retry_interval_s if self.degraded else self.flush_interval_s
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            self._wake.clear()
+            await self._sleep(self.retry_interval_s if self.degraded else self.flush_interval_s)
             try:
                 if self.degraded and not self._backlog and not await self._ping():
                     continue  # e.g. a failed re-push: wait for every master before retrying
