@@ -58,6 +58,7 @@ INTERVAL_S = 10.0
 SWEEP_RATE = 1_000_000.0
 UDP_TIMEOUT = 60  # longer than registration + the first round of pings of 100k phones
 SOCKET_PHONES = 50_000  # phones with a socket (pinhole) each; the rest share fixed ports
+SOCKETS_PER_SIPP = 12_500  # below a 20,000 open-file limit, with room for SIPp's own
 SHARED_GROUP = 5_000
 SHARED_PORT_BASE = 5100
 MAX_GAP_S = 1.0  # a sender silent this long has stopped (the wheel pings every 0.1 s)
@@ -73,7 +74,11 @@ def phone_groups(n: int) -> list[tuple[list[str], int | None]]:
     rest = names[SOCKET_PHONES:]
     for i in range(0, len(rest), SHARED_GROUP):
         groups.append((rest[i:i + SHARED_GROUP], SHARED_PORT_BASE + i // SHARED_GROUP))
-    groups.append((names[:SOCKET_PHONES], None))  # after the fixed ports are taken
+    # after the fixed ports are taken; one SIPp per SOCKETS_PER_SIPP phones with their own
+    # socket, since SIPp needs an open file per socket and RLIMIT_NOFILE may be 20,000
+    own = names[:SOCKET_PHONES]
+    for i in range(0, len(own), SOCKETS_PER_SIPP):
+        groups.append((own[i:i + SOCKETS_PER_SIPP], None))
     return groups
 
 

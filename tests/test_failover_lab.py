@@ -533,13 +533,21 @@ def test_generated_configs_pass_the_daemons_validation(tmp_path, keepalive, sour
 
 
 def test_benchmark_phone_plan_and_double_ping_count() -> None:
-    from benchmarks.failover import SHARED_GROUP, double_ping_events, phone_groups
+    from benchmarks.failover import (
+        SHARED_GROUP,
+        SOCKET_PHONES,
+        SOCKETS_PER_SIPP,
+        double_ping_events,
+        phone_groups,
+    )
 
     plan = phone_groups(100_000)
     assert sum(len(users) for users, _ in plan) == 100_000
     assert len({u for users, _ in plan for u in users}) == 100_000
     assert [port for _, port in plan][-1] is None  # sockets last: the fixed ports are taken
     assert all(len(users) == SHARED_GROUP for users, port in plan if port is not None)
+    own = [users for users, port in plan if port is None]  # several SIPps: one fd a socket
+    assert sum(map(len, own)) == SOCKET_PHONES and max(map(len, own)) <= SOCKETS_PER_SIPP
     assert phone_groups(10_000) == [([f"phone{i}" for i in range(10_000)], None)]
 
     clean = [_pkt(t / 10, "A") for t in range(10)] + [_pkt(2 + t / 10, "B") for t in range(5)]

@@ -390,3 +390,24 @@ def test_frame_and_pcap_parsers_never_crash(data: bytes) -> None:
 @given(st.text(max_size=300))
 def test_conntrack_parser_never_crashes(text: str) -> None:
     assert isinstance(parse_conntrack("ipv4 2 udp 17 " + text), list)
+
+
+def test_open_file_limit_is_raised_for_big_sipp_runs() -> None:
+    import resource
+
+    from sidecar.lab.netns import LabError, ensure_open_files
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ensure_open_files(soft)  # already enough: nothing changes
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+    if soft < hard:  # the soft limit can always go up to the hard one
+        ensure_open_files(hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:  # beyond the hard limit needs CAP_SYS_RESOURCE: raised, or a clear error
+        ensure_open_files(hard + 1000)
+    except LabError as exc:
+        assert "cannot be raised" in str(exc) and str(hard + 1000) in str(exc)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+    else:
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= hard + 1000

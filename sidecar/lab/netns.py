@@ -37,6 +37,7 @@ import ipaddress
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -90,6 +91,22 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux value; Python names it
 
 class LabError(RuntimeError):
     """A lab step failed; the message says which command and what it printed."""
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise this process's open-file limit (inherited by SIPp) to *needed* if lower.
+
+    SIPp holding 50,000 phones needs a socket each and refuses to start when ``-max_socket``
+    exceeds ``RLIMIT_NOFILE`` (20,000 on some machines). The lab runs as root, which may
+    raise the hard limit too (up to ``fs.nr_open``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+    except (ValueError, OSError) as exc:
+        raise LabError(f"SIPp needs {needed} open files; RLIMIT_NOFILE is {soft}/{hard} and "
+                       f"cannot be raised: {exc}") from None
 
 
 # --- prerequisites ------------------------------------------------------------------------
@@ -1125,10 +1142,12 @@ table ip {PARTITION_TABLE} {{
         inf = sdir / "users.csv"
         inf.write_text("SEQUENTIAL\n" + "".join(f"{u};\n" for u in names))
         concurrent = len(names) if hold_ms else max(1, min(len(names), rate))
+        max_socket = min(60000, len(names) + 100)
+        ensure_open_files(max_socket + 1000)
         argv = ["sipp", f"{target[0]}:{target[1]}", "-sf", str(scenario), "-inf", str(inf),
                 "-i", PHONE_IP, "-m", str(len(names)), "-r", str(rate), "-l", str(concurrent),
                 "-key", "expires", str(expires), "-nostdin",
-                "-max_socket", str(min(60000, len(names) + 100))]
+                "-max_socket", str(max_socket)]
         argv += ["-t", "u1", "-p", str(local_port)] if local_port else ["-t", "un"]
         if hold_ms:
             argv += ["-aa", "-trace_counts", "-fd", "1"]
