@@ -69,6 +69,10 @@ class Replica:
         self.stats = ReplicaStats()
         self.lag_ms: deque[int] = deque(maxlen=20_000)  # replication lag samples, per batch
         self.needs_snapshot_from: set[int] = set()  # peers whose refreshes we could not place
+        # Bumped whenever records arrive in bulk (snapshot chunks, anti-entropy repairs):
+        # unlike the live stream, these may be old registrations, so whoever keeps a view of
+        # the table (the keepalive wheel) knows its view may miss contacts with old pinholes.
+        self.bulk_generation = 0
         # Durable log of every change that won (sidecar.persist.Durability), or None.
         self.journal: Any = None
 
@@ -175,6 +179,7 @@ class Replica:
         """Apply one snapshot chunk from a peer; bad entries are counted and skipped. Without
         a journal the chunk goes through :meth:`ContactStore.put_many` (a fresh node's
         snapshot inserts new AORs without conflict checks: half the cost per record)."""
+        self.bulk_generation += 1
         good = []
         for r in records:
             try:
@@ -230,6 +235,7 @@ class Replica:
         go to the journal as ``apply_remote`` and ``apply_snapshot`` do, drops do not (as
         with pruning).
         """
+        self.bulk_generation += 1
         store = self.store
         journal = self.journal
         res = RepairResult()

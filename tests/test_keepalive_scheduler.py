@@ -397,3 +397,43 @@ def test_pings_spread_evenly_at_scale() -> None:
         for p in sched.due(k * 0.1):
             per_key[p.key] += 1
     assert len(per_key) == 10_000 and set(per_key.values()) == {1}
+
+
+_OCTET = st.one_of(st.integers(0, 255).map(str), st.text("0123456789", min_size=1, max_size=4))
+
+
+@given(st.one_of(
+    st.lists(_OCTET, min_size=1, max_size=5).map(".".join),
+    st.text("0123456789.:abcdef%x[] ", max_size=24),
+    st.ip_addresses().map(str),
+))
+@settings(max_examples=500, deadline=None)
+def test_ip_literal_fast_path_agrees_with_ipaddress(host):
+    """The inet_pton shortcut for dotted IPv4 accepts and rewrites exactly what the
+    ipaddress module does (3.11 rejects leading zeros, so both keep the text as is)."""
+    import ipaddress
+
+    from sidecar.keepalive.targets import TargetError, _ip_literal
+
+    try:
+        want = str(ipaddress.ip_address(host))
+    except ValueError:
+        want = None
+    try:
+        got = _ip_literal(host)
+    except TargetError:
+        got = None
+    assert got == want
+
+
+def test_socket_parse_is_remembered_and_bad_sockets_still_fail():
+    from sidecar.keepalive.targets import TargetError, parse_socket
+
+    assert parse_socket("UDP:10.20.0.100:5060") == ("udp", "10.20.0.100", 5060)
+    assert parse_socket("UDP:10.20.0.100:5060") is parse_socket("UDP:10.20.0.100:5060")
+    assert parse_socket("udp:[2001:db8::1]:5060") == ("udp", "2001:db8::1", 5060)
+    for bad in ("udp:10.20.0.100", "10.20.0.100:5060", "udp:010.1.1.1:5060", "udp:x:5060"):
+        with pytest.raises(TargetError):
+            parse_socket(bad)
+        with pytest.raises(TargetError):  # failures are not remembered as answers
+            parse_socket(bad)

@@ -14,6 +14,7 @@ phone reconnects anyway); RFC 5626 phones keep such flows alive themselves with 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import NamedTuple
 
 from sidecar.model import AOR, CALLID, CSEQ, FLAG_NAT, FLAGS, RECEIVED, SOCKET, URI, rec_bid
@@ -37,6 +38,7 @@ MAX_FIELD = 2048  # longer URI/socket strings are not something a proxy stored
 # Source addresses are shared by thousands of contacts: one tuple each lets the sender see
 # "same source as the previous ping" by identity.
 _SOURCES: dict[Address, Address] = {}
+_SOCKETS: dict[str, tuple[str, str, int]] = {}  # parse_socket answers by socket string
 _SOURCES_LIMIT = 4096
 
 
@@ -65,6 +67,15 @@ def keepalive_key(rec: tuple) -> PingKey:
 
 
 def _ip_literal(host: str) -> str:
+    """The canonical text of an IP literal. Dotted IPv4 (nearly every phone) takes the C
+    ``inet_pton`` path, which accepts exactly the canonical form (no leading zeros, four
+    decimal parts); everything else goes through :mod:`ipaddress`."""
+    if ":" not in host:
+        try:
+            socket.inet_pton(socket.AF_INET, host)
+        except (OSError, ValueError):
+            raise TargetError(f"{host!r} is not an IP address") from None
+        return host
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
@@ -120,7 +131,21 @@ def parse_sip_hostport(uri: str) -> tuple[str, int, str]:
 
 
 def parse_socket(value: str) -> tuple[str, str, int]:
-    """Proxy socket ``proto:IP:PORT`` (IPv6 bracketed or not) -> (proto, IP, port)."""
+    """Proxy socket ``proto:IP:PORT`` (IPv6 bracketed or not) -> (proto, IP, port).
+
+    A proxy has a handful of sockets shared by every contact, so answers are remembered
+    (bounded): rebuilding the wheel of 100,000 contacts parses the same few strings."""
+    if type(value) is str:
+        known = _SOCKETS.get(value)
+        if known is not None:
+            return known
+    parsed = _parse_socket(value)
+    if len(_SOCKETS) < _SOURCES_LIMIT:
+        _SOCKETS[value] = parsed
+    return parsed
+
+
+def _parse_socket(value: str) -> tuple[str, str, int]:
     if not isinstance(value, str) or not value or len(value) > MAX_FIELD:
         raise TargetError("socket missing or too long")
     proto, sep, rest = value.strip().partition(":")
