@@ -38,7 +38,7 @@ from sidecar.proxy.register_replay import (
 from sidecar.proxy.replay_client import RegisterReplayClient
 from sidecar.replica import Replica
 from sidecar.sip.parser import SipRequest, aor_of, parse_message
-from sidecar.sip.registration import RegistrationTracker
+from sidecar.sip.registration import RegistrationTracker, methods_bitmask
 from sidecar.sources.kamailio_source import reconcile
 from tests.kamailio_fixture import KamailioInstance, free_port, require_kamailio
 
@@ -419,14 +419,16 @@ async def test_replayed_contacts_are_stored_losslessly(tmp_path):
         records = [
             rec_of(aor="natphone", uri="sip:natphone@127.0.0.77:5060", callid="n1@ph", cseq=12,
                    expires=now + 300, received=nat[0], socket=sock, flags=FLAG_NAT,
-                   user_agent="NAT phone/2.1"),
+                   user_agent="NAT phone/2.1",
+                   methods=methods_bitmask("INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY")),
             rec_of(aor="edge", uri="sip:edge@127.0.0.78:5070;transport=udp", callid="e1@ph",
                    cseq=3, expires=now + 1800, path="<sip:127.0.0.3;lr>,<sip:127.0.0.4;lr>",
                    socket=sock, q=250, user_agent="Behind edge"),
             rec_of(aor="alice", uri="sip:alice@127.0.0.79:5062;ob", callid="a1@ph", cseq=41,
                    expires=now + 600, socket=sock, q=1000,
                    instance="<urn:uuid:00000000-0000-1000-8000-000000000001>", reg_id=1,
-                   received=nat[1], flags=FLAG_NAT, user_agent="Phone A"),
+                   received=nat[1], flags=FLAG_NAT, user_agent="Phone A",
+                   methods=methods_bitmask("INVITE, REGISTER, SUBSCRIBE, MESSAGE, PRACK")),
             rec_of(aor="desk", uri="sip:desk@127.0.0.80:5064;line=1", callid="d1@ph", cseq=7,
                    expires=now + 900, socket=sock, q=900, user_agent="Desk"),
             rec_of(aor="desk", uri="sip:desk@127.0.0.80:5064;line=2", callid="d2@ph", cseq=2,
@@ -454,6 +456,7 @@ async def test_replayed_contacts_are_stored_losslessly(tmp_path):
         assert c["cflags"] & COPY_MASK and not c["loaded_by_rpc"]
         back = kd.kamailio_contact_to_record(c, handle=1, last_modified=1)
         assert back[model.FLAGS] & FLAG_NAT == r[model.FLAGS] & FLAG_NAT
+        assert back[model.METHODS] == r[model.METHODS]  # Allow names, Kamailio's own bits
     # A reconcile on this (standby) node sees copies, not registrations to take over.
     replica = Replica(ME)
     counts = reconcile(replica, dumped, dump_start_ms=now * 1000)

@@ -22,9 +22,9 @@ What a replay REGISTER holds, for one contact tuple of :mod:`sidecar.model`:
 * ``X-SC-Replay: <node id>`` always, ``X-SC-Received`` when the contact has a received
   address, ``X-SC-Socket: proto:ip:port`` when it has a socket, ``X-SC-NAT: 1`` for FLAG_NAT.
 
-Not carried: the allowed-methods mask (the registrars derive it from ``Allow`` with their own
-method numbering, which differs between Kamailio and what the sidecar records, so the replayed
-contact gets "all methods") and any proxy branch flags besides NAT. **Permanent contacts**
+The allowed-methods mask travels as an ``Allow`` header naming its methods (each registrar
+derives its own numbering from the names; bits no SIP method name stands for are dropped).
+Not carried: proxy branch flags besides NAT. **Permanent contacts**
 (expires 0) cannot be expressed: ``expires=0`` in a REGISTER means "remove". They are
 refused here with :class:`ReplayError` and the adapter loads them over RPC/MI instead (a
 permanent contact was made by ``ul.add`` / an admin in the first place, so nothing is lost
@@ -65,7 +65,9 @@ from urllib.parse import quote
 from sidecar import model
 from sidecar.proxy.kamailio_dump import ProxyRpcError
 from sidecar.sip.parser import MAX_CSEQ, SipParseError, SipResponse, parse_message
-from sidecar.sip.registration import REPLAY_BRANCH_PREFIX
+from sidecar.sip.registration import METHOD_BITS, REPLAY_BRANCH_PREFIX, methods_bitmask
+
+_KNOWN_METHODS = sum(METHOD_BITS.values())
 
 __all__ = [
     "HDR_NAT",
@@ -267,6 +269,9 @@ def build_register(rec: tuple, *, node_id: int | str, via: tuple[str, int], bran
         lines.append(f"Path: {path}")
     if user_agent is not None:
         lines.append(f"User-Agent: {user_agent}")
+    allow = allow_header(rec[model.METHODS])
+    if allow is not None:
+        lines.append(f"Allow: {allow}")
     lines.append(f"{HDR_REPLAY}: {node}")
     if received is not None:
         lines.append(f"{HDR_RECEIVED}: {received}")
@@ -280,6 +285,17 @@ def build_register(rec: tuple, *, node_id: int | str, via: tuple[str, int], bran
     return ReplayRegister(data, (callid, cseq, branch), rec[model.AOR], contact_uri)
 
 
+def allow_header(methods: int | None) -> str | None:
+    """The ``Allow`` value naming the methods of a contact's bitmask (sidecar numbering,
+    :data:`sidecar.sip.registration.METHOD_BITS`), or None for "no Allow" (all methods).
+    Each registrar turns the names into its own numbering, so the mask survives the replay
+    whichever proxy stores it; unknown bits have no name and are left out."""
+    if methods is None:
+        return None
+    names = [name for name, bit in METHOD_BITS.items() if methods & bit]
+    return ", ".join(names) if names else None
+
+
 def _check_round_trip(data: bytes, rec: tuple, remaining: int, branch: str,
                       path: str | None, user_agent: str | None) -> None:
     """Parse the message back; refuse it unless every carried field reads the same."""
@@ -287,8 +303,11 @@ def _check_round_trip(data: bytes, rec: tuple, remaining: int, branch: str,
         msg = parse_message(data)
     except SipParseError as exc:
         raise _bad(f"message does not parse ({exc}) for", rec[model.URI]) from None
-    got = (msg.call_id, msg.cseq, msg.via_branch, len(msg.contacts), msg.path, msg.user_agent)
-    want = (rec[model.CALLID], rec[model.CSEQ], branch, 1, path, user_agent)
+    got = (msg.call_id, msg.cseq, msg.via_branch, len(msg.contacts), msg.path, msg.user_agent,
+           methods_bitmask(msg.allow))
+    methods = rec[model.METHODS]
+    want = (rec[model.CALLID], rec[model.CSEQ], branch, 1, path, user_agent,
+            None if allow_header(methods) is None else methods & _KNOWN_METHODS)
     if got != want:
         raise _bad("fields do not survive parsing for", rec[model.URI])
     c = msg.contacts[0]
