@@ -131,13 +131,15 @@ class RedisServer(_Proc):
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
+    def extra_args(self) -> list[str]:
+        """What this kind of server adds to the common command line."""
+        return ["--replicaof", HOST, str(self.replicaof)] if self.replicaof else []
+
     def start(self) -> RedisServer:
         require_redis()
         argv = [REDIS_BIN, "--port", str(self.port), "--bind", HOST, "--save", "",
                 "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
-                "--protected-mode", "no"]
-        if self.replicaof:
-            argv += ["--replicaof", HOST, str(self.replicaof)]
+                "--protected-mode", "no", *self.extra_args()]
         self._spawn(argv)
         try:
             self._wait_ping()
@@ -284,21 +286,10 @@ class ClusterMaster(RedisServer):
         # the bus port defaults to port + 10000, which may be taken or above 65535
         self.bus_port = bus_port
 
-    def start(self) -> ClusterMaster:
-        require_redis()
-        argv = [REDIS_BIN, "--port", str(self.port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
-                "--protected-mode", "no", "--cluster-enabled", "yes",
-                "--cluster-config-file", str(self.dir / "nodes.conf"),
+    def extra_args(self) -> list[str]:
+        return ["--cluster-enabled", "yes", "--cluster-config-file", str(self.dir / "nodes.conf"),
                 "--cluster-node-timeout", str(self.node_timeout_ms),
                 "--cluster-port", str(self.bus_port)]
-        self._spawn(argv)
-        try:
-            self._wait_ping()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
 
 class RedisClusterSet:
