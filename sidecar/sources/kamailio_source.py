@@ -71,7 +71,7 @@ from ..model import (
 from ..proxy.kamailio import KamailioRpc, ProxyRpcError, kamailio_contact_to_record
 from ..proxy.kamailio_dump import parse_ul_dump
 from ..replica import Replica
-from .registrations import aor_key
+from .registrations import aor_key, tally_local_put
 from .registry import SourceContext
 
 log = logging.getLogger(__name__)
@@ -211,13 +211,7 @@ def reconcile(replica: Replica, contacts: list[dict[str, Any]], *, dump_start_ms
             if old[LAST_MODIFIED] >= dump_start_ms:
                 counts.newer_here += 1
                 continue
-        kind = replica.local_put(rec)
-        if kind == "put":
-            counts.puts += 1
-        elif kind == "refresh":
-            counts.refreshes += 1
-        else:
-            counts.stale += 1
+        tally_local_put(counts, replica.local_put(rec))
     if not deletes:
         # A passive node's proxy holds only what was warm-loaded into it (or nothing, right
         # after a restart): its absence of a contact proves nothing, so nothing is deleted.

@@ -39,6 +39,18 @@ def aor_key(aor: str, use_domain: bool) -> str:
     return aor if use_domain else aor.split("@", 1)[0]
 
 
+def tally_local_put(counts, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Count what :meth:`Replica.local_put` said ("put", "refresh" or "stale") in any
+    counters object with ``puts``, ``refreshes`` and ``stale`` (the SIP and reconcile
+    sources share this, so their counters mean the same)."""
+    if kind == "put":
+        counts.puts += 1
+    elif kind == "refresh":
+        counts.refreshes += 1
+    else:
+        counts.stale += 1
+
+
 def apply_outcome(replica: Replica, outcome: RegistrationOutcome, *, use_domain: bool = False,
                   counts: OutcomeCounts | None = None) -> OutcomeCounts:
     counts = counts if counts is not None else OutcomeCounts()
@@ -62,13 +74,7 @@ def apply_outcome(replica: Replica, outcome: RegistrationOutcome, *, use_domain:
         except (ModelError, ValueError, TypeError):
             counts.invalid += 1
             continue
-        kind = replica.local_put(rec)
-        if kind == "put":
-            counts.puts += 1
-        elif kind == "refresh":
-            counts.refreshes += 1
-        else:
-            counts.stale += 1
+        tally_local_put(counts, replica.local_put(rec))
     if outcome.complete:
         # Only bindings stored before this REGISTER arrived can be judged by its 2xx: one
         # stored later came from a concurrent REGISTER the registrar handled meanwhile.
