@@ -25,6 +25,8 @@ Timeline (t = 0: the active host's cable is pulled and its processes get SIGKILL
   veth, bridge, NAT and a phone socket inside the sender's syscall on the same few CPUs, so
   this lab caps any sender well below what it reaches towards a real NIC;
   ``sender_loopback_pps`` is the sidecar's OPTIONS sender loop alone, on loopback;
+  ``reply_match_per_s``: phones' answers to OPTIONS recognised per CPU-second (in-process,
+  what a node spends on replies when ``reply_via`` brings them to the sidecar);
 * ``double_ping_events``: keepalives sent while the other host was also pinging (capture,
   per-sender spans), must be 0; ``contacts_lost``: contacts missing from the new active's
   store or Kamailio, must be 0.
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sidecar.keepalive.messages import OptionsPinger
 from sidecar.keepalive.sender import measure_sender_rate
 from sidecar.lab.failover import (
     LabPair,
@@ -222,6 +226,32 @@ def raw_path_rate(lab: Lab, n: int) -> int:
         return round(sent / (time.perf_counter() - started))
 
 
+def phone_answer(request: bytes, status: int = 200) -> bytes:
+    """A phone's response to an OPTIONS: Via, From, Call-ID and CSeq copied, a To tag added
+    (RFC 3261 §8.2.6), a Server header as desk phones send."""
+    lines = request.split(b"\r\n")
+    kept = [line + b";tag=ph0ne" if line.startswith(b"To:") else line for line in lines[1:]
+            if line.split(b":", 1)[0] in (b"Via", b"From", b"To", b"Call-ID", b"CSeq")]
+    return b"\r\n".join([b"SIP/2.0 %d OK" % status, *kept, b"Server: Yealink SIP-T46S",
+                          b"Content-Length: 0", b"", b""])
+
+
+def reply_match_rate(n: int, runs: int = 5) -> float:
+    """Median replies per CPU-second through ``OptionsPinger.match`` (ids checked)."""
+    pinger = OptionsPinger(tag="5c1dec4r")
+    replies = [phone_answer(pinger.build(i, f"sip:u{i}@198.51.100.7:5060",
+                                         ("203.0.113.10", 5060))) for i in range(1, n + 1)]
+    rates = []
+    for _ in range(runs):
+        match = pinger.match
+        started = time.process_time()
+        ids = [match(r) for r in replies]
+        rates.append(n / (time.process_time() - started))
+        if ids != list(range(1, n + 1)):
+            raise RuntimeError("reply matching returned wrong ping ids")
+    return statistics.median(rates)
+
+
 def _follow_takeover(pair: LabPair, lab: Lab, killed: float) -> dict[str, Any]:
     """Poll the standby's sc_role and the router's ARP entry until B is active with the VIP
     and the router points at it; times are seconds after ``killed`` (wall clock)."""
@@ -263,6 +293,7 @@ def main(quick: bool = False, json_path: str | None = None) -> int:
         results = run(n, Path(tmp))
     rate = measure_sender_rate(100_000, kind="options")  # loopback, the lab is gone by now
     results["sender_loopback_pps"] = round(rate.sent / rate.seconds)
+    results["reply_match_per_s"] = round(reply_match_rate(20_000 if quick else 100_000))
     reach = results.get("reachable_s")
     pps = results.get("sweep_pps")
     rows = [
@@ -287,6 +318,8 @@ def main(quick: bool = False, json_path: str | None = None) -> int:
                                                   "the lab path's ceiling"),
         ("sender_loopback_pps", results["sender_loopback_pps"],
          "the sidecar's OPTIONS sender alone, loopback"),
+        ("reply_match_per_s", results["reply_match_per_s"],
+         "phones' OPTIONS answers recognised per CPU-second"),
         ("pinholes_answering_b", results["pinholes_answering_b"],
          "pinholes whose phone answered the new active"),
         ("double_ping_events", results["double_ping_events"],

@@ -121,3 +121,17 @@ def test_durability_benchmark_tiny(tmp_path: Path, capsys: pytest.CaptureFixture
     assert doc["log_append_changes_per_s"] > 0 and doc["mesh3_throughput_changes_per_s"] > 0
     if doc["redis_changes_per_s"] is None:
         assert "skipped" in doc["redis_note"]
+
+
+def test_failover_reply_matching_part() -> None:
+    """The in-process reply figure of the failover benchmark: real phone-style answers, every
+    ping id recognised (reply_match_rate raises otherwise)."""
+    from benchmarks.failover import phone_answer, reply_match_rate
+    from sidecar.keepalive.messages import OptionsPinger
+    from sidecar.sip.parser import SipResponse, parse_message
+
+    pinger = OptionsPinger(tag="ab12")
+    answer = phone_answer(pinger.build(7, "sip:u@192.0.2.1", ("127.0.0.1", 5060)), status=486)
+    msg = parse_message(answer)
+    assert isinstance(msg, SipResponse) and msg.status == 486 and msg.cseq_method == "OPTIONS"
+    assert reply_match_rate(200, runs=1) > 0

@@ -48,7 +48,7 @@ from sidecar.keepalive.sender import (
 from sidecar.keepalive.service import KeepaliveService
 from sidecar.keepalive.targets import PingTarget
 from sidecar.proxy.opensips_mi import OpensipsMi
-from sidecar.sip.parser import SipRequest, parse_message
+from sidecar.sip.parser import SipParseError, SipRequest, SipResponse, parse_message
 
 SAMPLES = Path("/work/shared/opensips-samples")
 NH_ENABLE_PING_SAMPLE = SAMPLES / "mi" / "nh_enable_ping_A.json"
@@ -141,8 +141,10 @@ def test_options_reply_matching() -> None:
     assert pinger.match(CRLF_PING) is None and pinger.match(NULL_PING) is None
     assert pinger.match(reply.replace(b"1 OPTIONS", b"1 INVITE")) is None
     assert pinger.match(reply.replace(b"ka" + b"abc123-2a", b"kaabc123-zz")) is None
-    with pytest.raises(KeepaliveMessageError):
-        pinger.match(b"SIP/2.0 200 OK\r\nbroken\r\n\r\n")
+    # a response without our Call-ID prefix is someone else's: not even parsed
+    assert pinger.match(b"SIP/2.0 200 OK\r\nbroken\r\n\r\n") is None
+    with pytest.raises(KeepaliveMessageError):  # ours, but not SIP: the full parser says why
+        pinger.match(b"SIP/2.0 200 OK\r\nbroken\r\nCall-ID: kaabc123-2a\r\n\r\n")
     with pytest.raises(KeepaliveMessageError):
         pinger.match(b"SIP/2.0 200 OK\r\n" + b"X" * 70_000)
 
@@ -194,6 +196,69 @@ def test_reply_matching_fuzz_mutated_replies(ping_id: int, cut: int, junk: bytes
     except KeepaliveMessageError:
         return
     assert result is None or isinstance(result, int)
+
+
+def _full_match(pinger: OptionsPinger, data: bytes) -> int | None:
+    """What match() answered before its quick path: always the full parse."""
+    msg = parse_message(data)
+    if not isinstance(msg, SipResponse) or msg.cseq_method != "OPTIONS":
+        return None
+    return pinger.ping_id_of(msg.call_id)
+
+
+_HEADER_SPELLINGS = {"call-id": ["Call-ID", "call-id", "CALL-ID", "i", "Call-Id "],
+                     "cseq": ["CSeq", "cseq", "CSEQ", "CSeq "],
+                     "via": ["Via", "v"], "from": ["From", "f"], "to": ["To", "t"]}
+
+
+@settings(max_examples=400, deadline=None)
+@given(ping_id=st.integers(1, 2**64 - 1), status=st.integers(100, 699),
+       spelling=st.data(), extra=st.lists(st.sampled_from(
+           ["Server: phone 1.0", "Allow: INVITE, OPTIONS", "Content-Type: application/sdp",
+            "Accept: application/sdp", "Supported: replaces"]), max_size=3),
+       order=st.randoms(use_true_random=False))
+def test_quick_reply_match_agrees_with_the_full_parse(ping_id, status, spelling, extra,
+                                                      order) -> None:
+    """Everyday replies, whatever header spelling and order: the quick path returns exactly
+    what the full parser finds (and it did answer them, not fall back)."""
+    pinger = OptionsPinger(tag="beef")
+    reply, _ = answer_options(pinger.build(ping_id, "sip:x@10.0.0.1", ("127.0.0.1", 5060)),
+                              status=status)
+    lines = reply.decode().split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(":")
+        choices = _HEADER_SPELLINGS.get(name.strip().lower())
+        if choices:
+            name = spelling.draw(st.sampled_from(choices))
+        headers.append(f"{name}:{value}")
+    headers += extra
+    order.shuffle(headers)
+    data = ("\r\n".join([lines[0], *headers]) + "\r\n\r\n").encode()
+    assert pinger._quick_match(data) == ping_id
+    assert pinger.match(data) == _full_match(pinger, data) == ping_id
+
+
+@settings(max_examples=1500, deadline=None)
+@given(ping_id=st.integers(1, 2**63), cut=st.integers(0, 400), junk=st.binary(max_size=12))
+def test_quick_reply_match_never_contradicts_the_full_parse(ping_id: int, cut: int,
+                                                            junk: bytes) -> None:
+    """On damaged replies the quick path either defers (None) or gives the id the full parser
+    gives; the full parser may still refuse a header the quick path does not read (an answer
+    with a broken Via still proves the phone alive, as nathelper's reply filter assumes)."""
+    pinger = OptionsPinger(tag="beef")
+    reply, _ = answer_options(pinger.build(ping_id, "sip:x@10.0.0.1", ("127.0.0.1", 5060)))
+    mutated = reply[:cut] + junk + reply[cut + len(junk):]
+    quick = pinger._quick_match(mutated)
+    if quick is None:
+        return
+    try:
+        full = _full_match(pinger, mutated)
+    except SipParseError:
+        return
+    assert full == quick
 
 
 # --- sockets: sharing the proxy's port ------------------------------------------------------------

@@ -20,6 +20,7 @@ sidecar. See ``sender.py`` for how the daemon uses that.
 
 from __future__ import annotations
 
+import re
 import secrets
 from enum import StrEnum
 
@@ -44,6 +45,12 @@ NULL_PING = b"\x00\x00\x00\x00"
 MAX_REPLY = 64 * 1024
 MAX_URI = 1024
 _MAX_ID_DIGITS = 16  # a 64-bit ping id in hex
+# The everyday reply to one of our pings, checked without a full parse (see OptionsPinger.match):
+# a plain status line, and exactly one Call-ID and one CSeq line in the header block.
+_QUICK_STATUS = re.compile(rb"SIP/2\.0 [1-6][0-9][0-9] [^\r\n]*\r\n")
+_QUICK_CALL_ID = re.compile(rb"\n(?i:call-id|i)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r")
+_QUICK_CSEQ = re.compile(rb"\n(?i:cseq)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r")
+_QUICK_OUR_CSEQ = re.compile(rb"1[ \t]+OPTIONS")  # we always send "CSeq: 1 OPTIONS"
 
 
 class KeepaliveKind(StrEnum):
@@ -100,6 +107,7 @@ class OptionsPinger:
         if not self.tag or not self.tag.isalnum() or not self.tag.isascii() or len(self.tag) > 32:
             raise KeepaliveMessageError("tag must be 1-32 ASCII letters/digits")
         self._callid_prefix = f"ka{self.tag}-"
+        self._prefix_bytes = self._callid_prefix.encode()
         if user_agent is not None and (not user_agent.isprintable() or len(user_agent) > 200):
             raise KeepaliveMessageError("user agent must be one printable line")
         self._tail = ("CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
@@ -144,6 +152,11 @@ class OptionsPinger:
             raise KeepaliveMessageError(f"reply of {len(data)} bytes exceeds {MAX_REPLY}")
         if data[:4].upper() != b"SIP/":
             return None  # requests and keepalives: cheap reject without parsing
+        if self._prefix_bytes not in data:
+            return None  # no Call-ID of ours anywhere: someone else's transaction
+        quick = self._quick_match(data)
+        if quick is not None:
+            return quick
         try:
             msg = parse_message(data, max_size=MAX_REPLY)
         except SipParseError as exc:
@@ -151,3 +164,31 @@ class OptionsPinger:
         if not isinstance(msg, SipResponse) or msg.cseq_method != "OPTIONS":
             return None
         return self.ping_id_of(msg.call_id)
+
+    def _quick_match(self, data: bytes) -> int | None:
+        """The ping id of an everyday reply, or None to let the full parser decide.
+
+        Accepts only a CRLF header block with a plain status line, no folded lines, exactly
+        one Call-ID (ours) and exactly one CSeq (``1 OPTIONS``, as we sent it). Other headers
+        are not checked: like nathelper's reply filter, an answer proves the phone alive.
+        """
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0 or _QUICK_STATUS.match(data) is None:
+            return None
+        head = data[:head_end + 2]
+        if b"\r\n " in head or b"\r\n\t" in head or head.count(b"\n") != head.count(b"\r\n"):
+            return None
+        call_ids = _QUICK_CALL_ID.findall(head)
+        cseqs = _QUICK_CSEQ.findall(head)
+        if len(call_ids) != 1 or len(cseqs) != 1 or _QUICK_OUR_CSEQ.fullmatch(cseqs[0]) is None:
+            return None
+        call_id = call_ids[0]
+        prefix = self._prefix_bytes
+        digits = call_id[len(prefix):]
+        if (not call_id.startswith(prefix) or not 0 < len(digits) <= _MAX_ID_DIGITS
+                or not digits.isalnum() or not digits.isascii()):
+            return None
+        try:
+            return int(digits, 16)
+        except ValueError:
+            return None
