@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 APT_PACKAGES := python3-venv procps iputils-ping kamailio kamailio-extra-modules sip-tester \
 	redis-server redis-sentinel \
-	tshark nftables iproute2 tcpdump
+	tshark nftables iproute2 tcpdump systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test bootstrap apt venv lint bench clean
