@@ -7,8 +7,10 @@ only exception is ``SipParseError``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -683,3 +685,142 @@ def test_split_fast_path_agrees_with_the_regex_path(lead: str, pieces: list) -> 
     assert not rest[end:].strip(" \t")  # the regex path also consumes the whole text
     slow = {n.lower(): v or None for n, v in parser_module._PARAM.findall(rest, 0, end)}
     assert fast == slow
+
+
+# --- fast paths against the general code --------------------------------------------------------
+# parse_message tries stricter patterns for the everyday shapes first and makes its result
+# objects without __init__; neither may change what a message parses to.
+_FAST_PATTERNS = (
+    "_FAST_TOP_VIA", "_FAST_VIA", "_FAST_ADDRESS", "_FAST_NAME_ADDR", "_FAST_LIST_ELEMENT",
+    "_FAST_PARAMS", "_FAST_REQUEST_START", "_FAST_AOR",
+)
+
+
+@contextlib.contextmanager
+def _general_paths_only():
+    saved = {name: getattr(parser_module, name) for name in _FAST_PATTERNS}
+    never = re.compile(r"(?!)")
+    try:
+        for name in saved:
+            setattr(parser_module, name, never)
+        yield
+    finally:
+        for name, pattern in saved.items():
+            setattr(parser_module, name, pattern)
+
+
+def _outcome(data: bytes) -> object:
+    try:
+        return parse_message(data)
+    except SipParseError:
+        return SipParseError
+
+
+def _seldom(good: list, bad: list) -> st.SearchStrategy:
+    """One of ``good``, or about one time in thirty one of ``bad``."""
+    return st.sampled_from(good * (30 * len(bad) // len(good) + 1) + bad)
+
+
+def _param_run(pairs: list[str]) -> st.SearchStrategy[str]:
+    piece = st.tuples(
+        _seldom([";"], [" ;", "; ", ";;", ";\t"]),
+        _seldom(pairs, ["é", "", "a b", "x=", 'x="a;b"', 'x="a\\"b"', "x=\u00a0", "x = 1"]),
+    )
+    return st.lists(piece, max_size=4).map(lambda ps: "".join(sep + p for sep, p in ps))
+
+
+_VIA_PARAMS = ["branch=z9hG4bK1", "rport", "rport=5060", "received=192.0.2.9", "RPORT=0",
+               "Branch=X", "ttl=1", "rport=65536", "rport=²"]
+_CONTACT_PARAMS = ["expires=3600", "expires=0", "q=0.5", "q=1", '+sip.instance="<urn:uuid:1>"',
+                   "reg-id=1", 'methods="INVITE,BYE"', "ob", "Expires=007", "tag=a1", "lr",
+                   'expires="60"', "q=2", "reg-id=x", "expires=", "expires=99999999999"]
+_URIS = _seldom(
+    ["sip:u7@192.0.2.1", "sips:Bob@Example.COM:5061", "sip:a:pw@h;transport=tcp", "sip:h.example",
+     "tel:+4930123", "sip:u;x=1@h?y=z", "sip:u%41@h", "sip:[2001:db8::1]:5060", "SIP:u@H"],
+    ["sip:", "sip:@h", "sip:u%00@h", "x", "1sip:u@h", "sip:u@[::1", "sip:u@", "sip:u@:5"],
+)
+
+
+def _via_value(draw: st.DrawFn) -> str:
+    value = draw(_seldom(
+        ["SIP/2.0/UDP ", "SIP/2.0/TLS "], ["sip/2.0/udp ", "SIP / 2.0/UDP ", "SIP/2.0/UDP\t"]
+    ))
+    value += draw(_seldom(["192.0.2.1", "[2001:db8::1]", "pc.example"], ["é", "", "a b"]))
+    value += draw(_seldom(["", ":5060", ":65535", ":65536"], [":99999", ":123456", ": 5060"]))
+    value += draw(_param_run(_VIA_PARAMS))
+    return value + draw(_seldom(["", ",SIP/2.0/UDP 10.0.0.1", " , x"], [" junk", ";"]))
+
+
+@st.composite
+def _address_value(draw: st.DrawFn) -> str:
+    value = ""
+    for i in range(draw(_seldom([1], [2, 3]))):
+        if i:
+            value += draw(_seldom([",", ", "], [";", " ,,"]))
+        display = draw(_seldom(["", "", '"Phone 7" ', "Bob "], ['"a,b" ', '"x', "<"]))
+        uri = draw(_URIS)
+        value += draw(_seldom([f"{display}<{uri}>"], [uri, f"< {uri} >"]))
+        value += draw(_param_run(_CONTACT_PARAMS))
+    return value
+
+
+@st.composite
+def _fast_path_message(draw: st.DrawFn) -> bytes:
+    headers = [f"Via: {_via_value(draw)}"]
+    headers += [f"To: {draw(_address_value())}", f"Contact: {draw(_address_value())}"]
+    if draw(st.booleans()):
+        headers.append(f"Path: {draw(_address_value())}")
+    start = draw(_seldom(
+        ["REGISTER sip:example.com SIP/2.0", "SIP/2.0 200 OK", "REGISTER sips:[::1] SIP/2.0"],
+        ["register sip:example.com sip/2.0", "REGISTER sip:a\tb SIP/2.0", "REGISTER x SIP/2.0",
+         "REGISTER  sip:x SIP/2.0", "REGISTER sip:x SIP/2.0 ", "REG@ISTER sip:x SIP/2.0",
+         "SIP/2.0 2\u00b20 OK"],
+    ))
+    return message(*headers, start=start)
+
+
+@FUZZ
+@given(_fast_path_message())
+def test_fast_paths_read_what_the_general_code_reads(data: bytes) -> None:
+    fast = _outcome(data)
+    with _general_paths_only():
+        general = _outcome(data)
+    assert fast == general
+
+
+@FUZZ
+@given(st.one_of(
+    st.text("sipSIPtel:@%;?[]:.aZ09-+é \t<>\"", max_size=30),
+    st.tuples(st.sampled_from(["sip:", "sips:", "tel:", "SIP:"]),
+              st.text("u:@%;?[]:.aZ09-+é", max_size=25)).map("".join),
+))
+def test_aor_fast_path_agrees_with_the_general_code(uri: str) -> None:
+    outcomes = []
+    for call in (aor_of, parser_module._aor_general):
+        try:
+            outcomes.append(call(uri))
+        except SipParseError:
+            outcomes.append(SipParseError)
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
+def test_parsed_objects_hold_every_field(path: Path) -> None:
+    """The result objects are built without __init__: each must equal one built with it."""
+    msg = parse_message(path.read_bytes())
+    assert msg == type(msg)(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)})
+    for c in msg.contacts:
+        assert c == ContactHeader(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})
+
+
+def test_header_block_ending_with_the_data_or_before_a_body() -> None:
+    for body in ("", "a\r\n\r\n", "\r\n\r\n"):
+        data = message(f"Content-Length: {len(body)}", body=body)
+        assert parse_message(data).body == body.encode()
+    data = message(body="\r\nX: y\r\n\r\n")  # an empty line ends the headers, even at the end
+    assert parse_message(data).body == b"\r\nX: y\r\n\r\n"
+
+
+def test_status_code_digits_that_int_refuses_are_a_parse_error() -> None:
+    with pytest.raises(SipParseError):
+        parse_message(message(start="SIP/2.0 2\u00b20 OK"))

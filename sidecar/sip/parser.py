@@ -52,12 +52,17 @@ still registers. Delta-seconds larger than 2**32-1 are capped there (RFC 3261 §
 Call-ID, CSeq, Via and To must be present in every message: they key the transaction and name
 the AOR. Headers the registration does not need are only checked to have a token name.
 
-Speed: the header block is split into lines once and dispatched through a dict of common name
-spellings; only the needed headers are parsed, with precompiled regexes over short spans and a
-``str.split`` fast path for parameter lists. The everyday shapes (``<uri>;params`` addresses,
-a plain top Via) are first tried with stricter ASCII-only patterns whose every match reads
-the same as the general patterns'; anything else falls through to those. No per-character
-Python loops.
+Speed: a message without a body is taken to end its header block where the data ends (it does
+when no header line is empty and no stray line break shows), which saves searching for the
+end. The header block is split into lines once and dispatched through a dict of common name
+spellings; a header's value stays a plain string unless the header repeats. Only the needed
+headers are parsed, with precompiled regexes over short spans and a ``str.split`` fast path
+for parameter lists. The everyday shapes (a lone ``<uri>;params`` address, a plain top Via
+with its params, the request line, a ``sip:user@host`` AOR) are each first matched whole by one
+stricter pattern whose every match reads the same as the general code (the tests compare the
+two); anything else falls through to that. A regex call has a fixed cost, hence one per shape.
+The result objects are made with ``object.__new__`` and their slots assigned: the keyword call
+of a 20-field dataclass ``__init__`` alone would cost about 1 µs. No per-character Python loops.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ from urllib.parse import unquote
 DEFAULT_MAX_MESSAGE = 64 * 1024
 MAX_DELTA_SECONDS = 2**32 - 1  # RFC 3261: larger Expires values are taken as this
 MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the CSeq number is below 2**31
+_new = object.__new__  # builds the result objects without their __init__ (see parse_message)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
@@ -221,6 +227,21 @@ _FAST_VIA = re.compile(
     r"SIP/2\.0/([" + _TOKEN_CHARS + r"]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._]+)"
     r"(?::([0-9]{1,5}))?(?=[;,]|\Z)"
 )
+# The same with its param run, as far as _params_at's fast path would read it: a match is
+# exactly what the general code finds, with nothing but the next Via (or the end) after it.
+_FAST_TOP_VIA = re.compile(_FAST_VIA.pattern + "(" + _FAST_RUN + r")(?=[ \t]*+(?:,|\Z))")
+# A scheme as _URI reads it (its characters exclude ``:``, so possessive is the same).
+_URI_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*+:"
+# _FAST_NAME_ADDR with the URI check folded in: a match is a lone ``<uri>;params`` whose URI
+# _URI accepts, so the caller needs no further check.
+_FAST_ADDRESS = re.compile(r"<(" + _URI_SCHEME + r"[!-;=?-~]+)>(" + _FAST_RUN + ")")
+# The everyday request line: a match reads as _request_line reads it.
+_FAST_REQUEST_START = re.compile(
+    r"([" + _TOKEN_CHARS + r"]+) (" + _URI_SCHEME + r"\S[^ ]*) SIP/2\.0"
+)
+# A sip:/sips: URI with a user part (no escapes) and a host that is not an IPv6 reference:
+# group 1 is the user and group 2 the host exactly as _aor_general cuts them.
+_FAST_AOR = re.compile(r"sips?:([^:@%]+)(?::[^@]*)?@([^:;?\[][^:;?]*)")
 _CSEQ = re.compile(r"([0-9]{1,10})[ \t]+([" + _TOKEN_CHARS + r"]+)")
 _QVALUE = re.compile(r"(?:0(?:\.([0-9]{0,3}))?|1(?:\.0{0,3})?)")
 _UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
@@ -350,6 +371,23 @@ def _check_start_line(buffer: bytes | bytearray, start: int) -> None:
         raise SipParseError("not a SIP request or status line")
 
 
+def _head_lines(data: bytes, start: int, head_end: int, line_end: str) -> list[str] | None:
+    """The lines of the header block ``data[start:head_end]``, or ``None`` if it holds a control
+    character or a line break other than ``line_end``."""
+    head_bytes = data[start:head_end]
+    try:
+        head = head_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        head = head_bytes.decode("latin-1")
+    lines = head.split(line_end)
+    # Deleting every control byte (CR and LF included) must remove exactly the line breaks:
+    # anything more is a stray CR/LF or a control character inside a header.
+    removed = len(head_bytes) - len(head_bytes.translate(None, _CONTROL_BYTES))
+    if removed != len(line_end) * (len(lines) - 1):
+        return None
+    return lines
+
+
 def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE) -> SipRequest | SipResponse:
     """Parse one whole SIP message; raise :class:`SipParseError` if it is malformed."""
     if not isinstance(data, bytes):
@@ -358,47 +396,68 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE) -> SipReq
         data = bytes(data)
     if len(data) > max_size:
         raise SipParseError(f"message larger than {max_size} bytes")
-    start = _skip_crlf(data)
-    head_end, body_start = _find_head_end(data, start, len(data))
-    if head_end < 0:
-        raise SipParseError("no empty line after the header block")
-    head_bytes = data[start:head_end]
-    try:
-        head = head_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        head = head_bytes.decode("latin-1")
-    line_end = "\r\n" if body_start - head_end == 4 else "\n"
-    lines = head.split(line_end)
-    # Deleting every control byte (CR and LF included) must remove exactly the line breaks:
-    # anything more is a stray CR/LF or a control character inside a header.
-    removed = len(head_bytes) - len(head_bytes.translate(None, _CONTROL_BYTES))
-    if removed != len(line_end) * (len(lines) - 1):
-        raise SipParseError("control character or stray line break in the header block")
+    start = _skip_crlf(data) if data[:1] in (b"\r", b"\n") else 0
+    lines = None
+    if data.endswith(b"\r\n\r\n"):
+        # Most messages have no body, so the header block usually ends where the data does.
+        # That holds when the lines split at CRLF are clean and none is empty (an empty line
+        # is an earlier end), and it saves searching for the end; otherwise search as below.
+        body_start = len(data)
+        lines = _head_lines(data, start, body_start - 4, "\r\n")
+        if lines is not None and "" in lines:
+            lines = None
+    if lines is None:
+        head_end, body_start = _find_head_end(data, start, len(data))
+        if head_end < 0:
+            raise SipParseError("no empty line after the header block")
+        lines = _head_lines(data, start, head_end, "\r\n" if body_start - head_end == 4 else "\n")
+        if lines is None:
+            raise SipParseError("control character or stray line break in the header block")
     first = lines[0]
     del lines[0]
-    fields = _header_fields(lines, max_size)
+    # The message is made without __init__ (see "Speed" above); every field is assigned below,
+    # and the tests check that the result equals one made with __init__.
+    is_response = first[:8].upper() == "SIP/2.0 "
+    msg = _new(SipResponse if is_response else SipRequest)
+    content_length = _header_fields(lines, max_size, msg)
 
-    content_length = fields["content_length"]
     body = data[body_start:]
     if content_length is not None:
         if len(body) < content_length:
             raise SipParseError("body shorter than Content-Length")
         body = body[:content_length]
+    msg.body = body
 
-    if first[:8].upper() == "SIP/2.0 ":
+    if is_response:
         status_text, _, reason = first[8:].partition(" ")
-        if len(status_text) != 3 or not status_text.isdigit() or not "1" <= status_text[0] <= "6":
+        # isdecimal, not isdigit: int() refuses digits such as "²" that isdigit accepts.
+        if (
+            len(status_text) != 3
+            or not status_text.isdecimal()
+            or not "1" <= status_text[0] <= "6"
+        ):
             raise SipParseError(f"bad status code {status_text!r}")
-        return SipResponse(status=int(status_text), reason=reason, body=body, **fields)
+        msg.status = int(status_text)
+        msg.reason = reason
+        return msg
+    m = _FAST_REQUEST_START.fullmatch(first)
+    method, uri = _request_line(first) if m is None else m.groups()
+    if method != msg.cseq_method:
+        raise SipParseError("CSeq method differs from the request method")
+    msg.method = method
+    msg.uri = uri
+    return msg
+
+
+def _request_line(first: str) -> tuple[str, str]:
+    """``(method, uri)`` of a request line (the general path of ``_FAST_REQUEST_START``)."""
     parts = first.split(" ")
     if len(parts) != 3 or parts[2].upper() != "SIP/2.0":
         raise SipParseError("bad request line")
     method, uri = parts[0], parts[1]
     if _TOKEN.fullmatch(method) is None or _URI.match(uri) is None:
         raise SipParseError("bad request line")
-    if method != fields["cseq_method"]:
-        raise SipParseError("CSeq method differs from the request method")
-    return SipRequest(method=method, uri=uri, body=body, **fields)
+    return method, uri
 
 
 def _unfold(lines: list[str]) -> list[str]:
@@ -414,21 +473,28 @@ def _unfold(lines: list[str]) -> list[str]:
     return out
 
 
-def _collect_headers(lines: list[str]) -> dict[str, list[str]] | None:
-    """Values of the headers we read, by canonical name, in message order.
+def _collect_headers(
+    lines: list[str],
+) -> tuple[dict[str, str], dict[str, list[str]] | None] | None:
+    """The headers we read: ``(first value by canonical name, repeated)``.
 
-    Other header names are only checked to be tokens, all at once at the end. Returns ``None``
-    on meeting a continuation line, so unfolding costs nothing for the usual unfolded message.
+    ``repeated`` is ``None`` unless some header we read comes more than once; it then holds
+    every value of each such header, in message order (single values are not wrapped in lists:
+    most headers come once). Other header names are only checked to be tokens, all at once at
+    the end. Returns ``None`` on meeting a continuation line, so unfolding costs nothing for
+    the usual unfolded message.
     """
-    values: dict[str, list[str]] = {}
+    values: dict[str, str] = {}
+    repeated: dict[str, list[str]] | None = None
     unusual: list[str] = []
+    spelling = _SPELLINGS.get
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon:
             if line[:1] in (" ", "\t"):
                 return None
             raise SipParseError("header line without a colon")
-        canon = _SPELLINGS.get(name)
+        canon = spelling(name)
         if canon is None:
             if name[:1] in (" ", "\t"):
                 return None  # a folded line: the caller unfolds and asks again
@@ -441,94 +507,126 @@ def _collect_headers(lines: list[str]) -> dict[str, list[str]] | None:
                 continue
         elif not canon:
             continue
-        found = values.get(canon)
-        if found is None:
-            values[canon] = [value.strip(_LWS)]
+        if canon not in values:
+            values[canon] = value.strip(_LWS)
+        elif repeated is None:
+            repeated = {canon: [values[canon], value.strip(_LWS)]}
+        elif canon in repeated:
+            repeated[canon].append(value.strip(_LWS))
         else:
-            found.append(value.strip(_LWS))
+            repeated[canon] = [values[canon], value.strip(_LWS)]
     if unusual and _TOKEN.fullmatch("".join(unusual)) is None:
         raise SipParseError("bad header name")
-    return values
-
-
-def _single(values: dict[str, list[str]], name: str) -> str | None:
-    found = values.get(name)
-    if found is None:
-        return None
-    if len(found) > 1 and any(v != found[0] for v in found):
-        raise SipParseError(f"conflicting {name} headers")
-    return found[0]
+    return values, repeated
 
 
 def _only(found: list[str], name: str) -> str:
-    """:func:`_single` for a header known to be present (the list is never empty)."""
+    """The value of a header that must not differ between its copies (``found`` is not empty)."""
     if len(found) > 1 and any(v != found[0] for v in found):
         raise SipParseError(f"conflicting {name} headers")
     return found[0]
 
 
-def _header_fields(lines: list[str], max_size: int) -> dict:
-    """The :class:`SipMessage` fields (all but ``body``) from the header lines."""
-    values = _collect_headers(lines)
-    if values is None:
-        values = _collect_headers(_unfold(lines))
-        if values is None:
+def _header_fields(lines: list[str], max_size: int, msg: SipMessage) -> int | None:
+    """Set the :class:`SipMessage` fields (all but ``body``) of ``msg`` from the header lines.
+
+    Returns the Content-Length (``None`` when absent) for the caller to cut the body with.
+    """
+    collected = _collect_headers(lines)
+    if collected is None:
+        collected = _collect_headers(_unfold(lines))
+        if collected is None:
             raise SipParseError("folded header line")
+    values, repeated = collected
     get = values.get
-    found = get("call-id")
-    call_id = None if found is None else _only(found, "call-id")
+    call_id = get("call-id")
+    if repeated and "call-id" in repeated:
+        call_id = _only(repeated["call-id"], "call-id")
     if not call_id or len(call_id.split()) != 1:
         raise SipParseError("missing or bad Call-ID")
     found = get("cseq")
     if found is None:
         raise SipParseError("missing CSeq")
-    m = _CSEQ.fullmatch(_only(found, "cseq"))
-    if m is None or int(m.group(1)) > MAX_CSEQ:
+    if repeated and "cseq" in repeated:
+        found = _only(repeated["cseq"], "cseq")
+    m = _CSEQ.fullmatch(found)
+    if m is None:
+        raise SipParseError("bad CSeq")
+    cseq_text, cseq_method = m.groups()
+    cseq = int(cseq_text)
+    if cseq > MAX_CSEQ:
         raise SipParseError("bad CSeq")
     found = get("to")
     if found is None:
         raise SipParseError("missing To")
-    to_list = _parse_address_list(_only(found, "to"), "To")
-    if len(to_list) != 1:
-        raise SipParseError("To must hold one address")
-    to_uri = to_list[0][1]
-    vias = get("via")
-    if vias is None:
+    if repeated and "to" in repeated:
+        found = _only(repeated["to"], "to")
+    m = _FAST_ADDRESS.fullmatch(found)
+    if m is not None:  # the To params are only checked, and a fast match is a valid run
+        to_uri = m.group(1)
+    else:
+        to_list = _parse_address_list(found, "To")
+        if len(to_list) != 1:
+            raise SipParseError("To must hold one address")
+        to_uri = to_list[0][1]
+    top_via = get("via")  # the first Via header holds the top Via
+    if top_via is None:
         raise SipParseError("missing Via")
     content_length = None
     found = get("content-length")
     if found is not None:
-        length_text = _only(found, "content-length")
-        if (
-            not _is_digits(length_text)
-            or len(length_text) > 10
-            or int(length_text) > max_size
-        ):
+        if repeated and "content-length" in repeated:
+            found = _only(repeated["content-length"], "content-length")
+        if found == "0":
+            content_length = 0
+        elif not _is_digits(found) or len(found) > 10 or int(found) > max_size:
             raise SipParseError("bad Content-Length")
-        content_length = int(length_text)
-    found = get("expires")
-    expires_text = None if found is None else _only(found, "expires")
+        else:
+            content_length = int(found)
+    expires_text = get("expires")
+    if repeated and "expires" in repeated:
+        expires_text = _only(repeated["expires"], "expires")
     found = get("contact")
-    contacts, wildcard = ([], False) if found is None else _parse_contacts(found)
+    if found is None:
+        contacts, wildcard = [], False
+    elif repeated and "contact" in repeated:
+        contacts, wildcard = _parse_contacts(repeated["contact"])
+    else:
+        m = _FAST_ADDRESS.fullmatch(found)
+        if m is not None:  # what _parse_contacts reads from a lone ``<uri>;params``
+            uri, run = m.groups()
+            contacts = [_contact_from(None, uri, _split_fast_run(run) if run else {})]
+            wildcard = False
+        else:
+            contacts, wildcard = _parse_contacts([found])
+    msg.call_id = call_id
+    msg.cseq = cseq
+    msg.cseq_method = cseq_method
+    msg.to_uri = to_uri
+    msg.aor = aor_of(to_uri)
+    msg.contacts = contacts
+    msg.contact_wildcard = wildcard
+    msg.expires_header = None if expires_text is None else _delta_seconds(expires_text)
+    found = get("path")
+    if found is None:
+        msg.path = None
+    elif repeated and "path" in repeated:
+        msg.path = _join_path(repeated["path"])
+    else:
+        if _FAST_ADDRESS.fullmatch(found) is None:
+            _parse_address_list(found, "Path")  # only checked
+        msg.path = found
     found = get("user-agent")
-    path = get("path")
-    allow = get("allow")
-    fields = {
-        "call_id": call_id,
-        "cseq": int(m.group(1)),
-        "cseq_method": m.group(2),
-        "to_uri": to_uri,
-        "aor": aor_of(to_uri),
-        "contacts": contacts,
-        "contact_wildcard": wildcard,
-        "expires_header": None if expires_text is None else _delta_seconds(expires_text),
-        "path": None if path is None else _join_path(path),
-        "user_agent": None if found is None else (_only(found, "user-agent") or None),
-        "allow": None if allow is None else ",".join(allow),
-        "content_length": content_length,
-    }
-    _parse_top_via(vias[0], fields)
-    return fields
+    if repeated and "user-agent" in repeated:
+        found = _only(repeated["user-agent"], "user-agent")
+    msg.user_agent = found or None
+    found = get("allow")
+    msg.allow = ",".join(repeated["allow"]) if repeated and "allow" in repeated else found
+    msg.content_length = content_length
+    (
+        msg.via_transport, msg.via_sent_by, msg.via_branch, msg.via_received, msg.via_rport
+    ) = _parse_top_via(top_via)
+    return content_length
 
 
 def _is_digits(text: str) -> bool:
@@ -538,7 +636,7 @@ def _is_digits(text: str) -> bool:
 
 # --- field parsers ------------------------------------------------------------------------------
 def _delta_seconds(text: str) -> int:
-    if not _is_digits(text):
+    if not (text.isascii() and text.isdigit()):  # _is_digits, inline
         raise SipParseError(f"bad delta-seconds {text[:20]!r}")
     if len(text) > 10:  # keeps int() clear of its digit limit on hostile input
         text = text.lstrip("0") or "0"
@@ -690,34 +788,71 @@ def _parse_contacts(values: list[str] | None) -> tuple[list[ContactHeader], bool
 
 
 def _contact_from(display: str | None, uri: str, params: dict[str, str | None]) -> ContactHeader:
+    # Made without __init__, like the messages (see parse_message); every field is set.
+    contact = _new(ContactHeader)
+    contact.uri = uri
+    contact.display = display
+    contact.params = params
     if not params:
-        return ContactHeader(uri, display, params=params)
+        contact.expires = contact.methods = contact.instance = None
+        contact.q = -1
+        contact.reg_id = 0
+        return contact
     expires = params.get("expires")
-    if expires is not None:
+    if expires is None:
+        if "expires" in params:
+            raise SipParseError("expires param without a value")
+    elif expires.isascii() and expires.isdigit() and len(expires) <= 10:
+        expires = min(int(expires), MAX_DELTA_SECONDS)  # what _delta_seconds makes of it
+    else:
         expires = _delta_seconds(_unquote(expires))
-    elif "expires" in params:
-        raise SipParseError("expires param without a value")
-    q = params.get("q")
-    methods = params.get("methods")
-    instance = params.get("+sip.instance")
+    contact.expires = expires
     reg_id = params.get("reg-id")
-    if reg_id is not None:
-        if not _is_digits(reg_id) or len(reg_id) > 10 or int(reg_id) > MAX_CSEQ:
-            raise SipParseError("bad reg-id")
-        reg_id = int(reg_id)
-    return ContactHeader(
-        uri,
-        display,
-        expires,
-        -1 if q is None else _qvalue(q),
-        None if methods is None else _unquote(methods),
-        None if instance is None else (_unquote(instance) or None),
-        reg_id or 0,
-        params,
+    if reg_id is None:
+        contact.reg_id = 0
+    elif reg_id.isascii() and reg_id.isdigit() and len(reg_id) <= 10 and int(reg_id) <= MAX_CSEQ:
+        contact.reg_id = int(reg_id)
+    else:
+        raise SipParseError("bad reg-id")
+    q = params.get("q")
+    contact.q = -1 if q is None else _qvalue(q)
+    methods = params.get("methods")
+    contact.methods = None if methods is None else _unquote(methods)
+    instance = params.get("+sip.instance")
+    contact.instance = None if instance is None else (_unquote(instance) or None)
+    return contact
+
+
+def _parse_top_via(value: str) -> tuple[str, str, str | None, str | None, int | None]:
+    """``(transport, sent-by, branch, received, rport)`` of the first Via in ``value``."""
+    m = _FAST_TOP_VIA.match(value)
+    if m is not None:  # the everyday Via: no LWS, the plain param run read by _params_at
+        transport, host, port, run = m.groups()
+        if port is not None and len(port) == 5 and int(port) > 65535:
+            raise SipParseError("bad Via port")
+        params = _split_fast_run(run) if run else {}
+    else:
+        transport, host, port, params = _top_via_general(value)
+    rport: int | None = None
+    if "rport" in params:
+        raw = params["rport"]
+        if raw is None:
+            rport = 0
+        elif not _is_digits(raw) or len(raw) > 5 or int(raw) > 65535:
+            raise SipParseError("bad rport")
+        else:
+            rport = int(raw)
+    return (
+        transport.upper(),
+        host if port is None else f"{host}:{port}",
+        params.get("branch"),
+        params.get("received"),
+        rport,
     )
 
 
-def _parse_top_via(value: str, fields: dict) -> None:
+def _top_via_general(value: str) -> tuple[str, str, str | None, dict[str, str | None]]:
+    """``(transport, host, port, params)`` of the top Via: the general path of _FAST_TOP_VIA."""
     m = _FAST_VIA.match(value) or _VIA.match(value)
     if m is None:
         raise SipParseError("bad Via")
@@ -729,20 +864,7 @@ def _parse_top_via(value: str, fields: dict) -> None:
         sep = _LIST_SEP.match(value, pos)
         if sep.group(1) is None and sep.end() != len(value):
             raise SipParseError("junk in the top Via")
-    rport: int | None = None
-    if "rport" in params:
-        raw = params["rport"]
-        if raw is None:
-            rport = 0
-        elif not _is_digits(raw) or len(raw) > 5 or int(raw) > 65535:
-            raise SipParseError("bad rport")
-        else:
-            rport = int(raw)
-    fields["via_transport"] = transport.upper()
-    fields["via_sent_by"] = host if port is None else f"{host}:{port}"
-    fields["via_branch"] = params.get("branch")
-    fields["via_received"] = params.get("received")
-    fields["via_rport"] = rport
+    return transport, host, port, params
 
 
 def _join_path(values: list[str] | None) -> str | None:
@@ -767,6 +889,15 @@ def aor_of(uri: str) -> str:
     Kamailio/OpenSIPS registrars, ``%XX`` escapes in the user part are decoded and the host is
     lower-cased; the user part otherwise keeps its case.
     """
+    m = _FAST_AOR.match(uri)
+    if m is None:
+        return _aor_general(uri)
+    user, host = m.groups()  # the everyday ``sip:user@host...``, cut as _aor_general cuts it
+    return f"{user}@{host.lower()}"
+
+
+def _aor_general(uri: str) -> str:
+    """:func:`aor_of` for any URI (the general path of ``_FAST_AOR``)."""
     scheme, colon, rest = uri.partition(":")
     if not colon or not scheme:
         raise SipParseError("URI without a scheme")
