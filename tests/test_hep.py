@@ -410,3 +410,13 @@ def test_fuzz_framer(pieces: list[bytes]) -> None:
     for f in got:
         with contextlib.suppress(HepError):
             decode_hep(f)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(min_size=4, max_size=4))
+def test_ipv4_address_text_is_what_ipaddress_writes(raw: bytes) -> None:
+    import ipaddress
+
+    from sidecar.sources.hep import _address
+
+    assert _address({1: raw}, 1, 4, "source IPv4") == str(ipaddress.IPv4Address(raw))

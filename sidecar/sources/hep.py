@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 import struct
 import zlib
 from dataclasses import dataclass
@@ -206,7 +207,9 @@ def _address(blobs: dict[int, bytes], ctype: int, size: int, what: str) -> str:
         raise HepError(f"HEP3 frame lacks the {what} address chunk")
     if len(raw) != size:
         raise HepError(f"{what} address chunk has {len(raw)} bytes, want {size}")
-    return str(ipaddress.IPv4Address(raw) if size == 4 else ipaddress.IPv6Address(raw))
+    if size == 4:  # dotted quad, as ipaddress writes it, at a fifth of the cost
+        return socket.inet_ntop(socket.AF_INET, raw)
+    return str(ipaddress.IPv6Address(raw))
 
 
 def _text(blobs: dict[int, bytes], ctype: int, what: str) -> str | None:
