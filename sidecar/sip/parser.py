@@ -875,12 +875,6 @@ def _join_path(values: list[str] | None) -> str | None:
     return ",".join(values)
 
 
-def _join_list(values: list[str] | None) -> str | None:
-    if not values:
-        return None
-    return ",".join(values)
-
-
 def aor_of(uri: str) -> str:
     """Address of record of a SIP/SIPS/TEL URI: ``user@host`` (or ``host``, or the number).
 

@@ -101,6 +101,7 @@ from .opensips_events import (
     parse_event,
 )
 from .receive_buffer import set_receive_buffer
+from .registrations import tally_local_put
 from .registry import SourceContext
 
 log = logging.getLogger(__name__)
@@ -604,12 +605,8 @@ class OpensipsSource:
                 return
         rec = (*rec[:LAST_MODIFIED], _next_lm(old), rec[HANDLE])
         result = self.replica.local_put(rec)
-        if result == "put":
-            st.puts += 1
-        elif result == "refresh":
-            st.refreshes += 1
-        else:
-            st.stale += 1
+        tally_local_put(st, result)
+        if result == "stale":
             return
         self._changed = True
 
